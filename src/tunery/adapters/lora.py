@@ -1,0 +1,125 @@
+"""LoRA layers and injection by module name; the base weight keeps its HF name (`q_proj.weight`)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + scale * dropout(x) A^T B^T.
+
+    `weight` is the frozen base (a Parameter, or a quantized storage object with `.dequantize()` for
+    QLoRA); `lora_A` [r, in] and `lora_B` [out, r] train. `enabled=False` gives the base model back
+    (the DPO/KTO reference without a second copy).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dev = base.weight.device if base.weight.device.type != "meta" else None
+        dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.r, self.alpha = r, alpha
+        self.scale = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout_p = dropout
+        self.enabled = True
+        self.fused = False
+
+    def base_weight(self) -> torch.Tensor:
+        w = self.weight
+        return w.dequantize() if hasattr(w, "dequantize") and not isinstance(w, torch.Tensor) else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.base_weight(), self.bias)
+        if not self.enabled:
+            return out
+        h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x
+        return out + F.linear(F.linear(h.to(self.lora_A.dtype), self.lora_A), self.lora_B).to(out.dtype) * self.scale
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        w = self.base_weight()
+        return (w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(
+            w.dtype if w.dtype.is_floating_point else torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+
+
+def target_names(target_modules: list[str] | None, target_linear: bool) -> list[str]:
+    if target_linear or not target_modules:
+        return list(LINEAR_NAMES)
+    return list(target_modules)
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    for t in targets:
+        if leaf == t or name.endswith("." + t) or name == t:
+            return True
+        if any(c in t for c in "*[(\\") and re.fullmatch(t, name):
+            return True
+    return False
+
+
+def inject_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float = 0.0,
+                rslora: bool = False, modules_to_save: list[str] | None = None) -> list[str]:
+    """Freeze the model, swap matching nn.Linear layers inside decoder blocks for LoRALinear.
+
+    Returns the adapted module paths. `modules_to_save` (e.g. lm_head) stay fully trainable.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and ".layers." in f".{name}" and _matches(name, targets):
+            parent_name, leaf = name.rsplit(".", 1)
+            parent = model.get_submodule(parent_name)
+            setattr(parent, leaf, LoRALinear(module, r, alpha, dropout, rslora))
+            replaced.append(name)
+    if not replaced:
+        raise ValueError(f"lora_target_modules {targets} matched no linear layer of the model")
+    for name in modules_to_save or []:
+        found = False
+        for mname, module in model.named_modules():
+            if mname == name or mname.endswith("." + name):
+                for p in module.parameters():
+                    p.requires_grad_(True)
+                found = True
+        if not found:
+            raise ValueError(f"lora_modules_to_save: no module named {name!r}")
+    return replaced
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+class adapters_disabled:
+    """Context: run the base model (every LoRA layer off) — the reference for DPO/KTO/GRPO."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = list(lora_layers(model).values())
+
+    def __enter__(self):
+        for m in self.layers:
+            m.enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.enabled = True

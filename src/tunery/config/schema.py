@@ -1,0 +1,63 @@
+"""The whole run config: every section's flat keys in one model, plus cross-field rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from .adapter import AdapterSection
+from .data import DataSection
+from .distributed import DistributedSection
+from .logging import LoggingSection
+from .methods import MethodSection
+from .model import ModelSection
+from .training import TrainingSection
+
+
+class Config(
+    ModelSection, AdapterSection, DataSection, TrainingSection, MethodSection, DistributedSection, LoggingSection
+):
+    """One YAML file describes a run. Keys are flat, in the style of the common YAML trainers."""
+
+    strict: bool | None = Field(None, description="Accepted for compatibility; has no effect.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Config:
+        problems: list[str] = []
+        if self.adapter == "qlora" and not self.load_in_4bit:
+            problems.append("adapter: qlora needs load_in_4bit: true (or use adapter: lora)")
+        if self.load_in_4bit and self.load_in_8bit:
+            problems.append("load_in_4bit and load_in_8bit are both true; choose one")
+        if (self.load_in_4bit or self.load_in_8bit) and self.adapter is None:
+            problems.append("load_in_4bit/load_in_8bit freeze a quantized base: set adapter: qlora (or lora)")
+        if self.batch_size is not None and self.gradient_accumulation_steps is not None:
+            problems.append("batch_size and gradient_accumulation_steps are both set; set only one "
+                            "(batch_size = micro_batch_size x gradient_accumulation_steps)")
+        if self.batch_size is not None and self.batch_size % self.micro_batch_size:
+            problems.append(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            problems.append("warmup_steps and warmup_ratio are both set; set only one")
+        if self.bf16 is True and self.fp16:
+            problems.append("bf16 and fp16 are both true; choose one")
+        if self.adapter is None and (self.lora_target_modules or self.lora_target_linear):
+            problems.append("lora_target_modules/lora_target_linear are set but adapter is absent; set adapter: lora")
+        if self.chat_template == "jinja" and not self.chat_template_jinja:
+            problems.append("chat_template: jinja needs chat_template_jinja")
+        if self.rl == "grpo" and self.grpo.reward_weights is not None and len(self.grpo.reward_weights) != len(self.grpo.reward_funcs):
+            problems.append("grpo.reward_weights must have one weight per reward_funcs entry")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def accumulation_steps(self) -> int:
+        if self.gradient_accumulation_steps is not None:
+            return self.gradient_accumulation_steps
+        if self.batch_size is not None:
+            return self.batch_size // self.micro_batch_size
+        return 1
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """Resolved config as plain data, defaults included (what the run dir stores)."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,42 @@
+"""Optimizer, schedule, batch sizes, precision, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Section
+
+
+class TrainingSection(Section):
+    output_dir: str = Field("./outputs/run", description="Run directory.")
+    seed: int = Field(42, description="Seed for data order, init and dropout.")
+    micro_batch_size: int = Field(1, ge=1, description="Rows (or packed rows) per forward pass.")
+    gradient_accumulation_steps: int | None = Field(None, ge=1, description="Micro-batches per optimizer step.")
+    batch_size: int | None = Field(None, ge=1, description="Rows per optimizer step per process; sets accumulation.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the data (used when max_steps is absent).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides num_epochs.")
+    learning_rate: float = Field(2e-4, gt=0)
+    optimizer: Literal["adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    cosine_min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm; null disables.")
+    bf16: bool | Literal["auto"] = Field("auto", description="bf16 autocast/weights; auto = on a GPU that has it.")
+    fp16: bool = False
+    tf32: bool = False
+    gradient_checkpointing: bool | Literal["offload"] = Field(False, description="Recompute activations; offload keeps them in CPU memory.")
+    eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
+    eval_batch_size: int | None = None
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints.")
+    resume_from_checkpoint: str | None = Field(None, description="auto (latest in output_dir) or a checkpoint path.")
+    logging_steps: int = Field(1, ge=1)
+    deterministic: bool = Field(False, description="Deterministic algorithms (for bitwise-exact resume).")
+    save_merged: bool = Field(False, description="Also write the merged model at the end.")
