@@ -1,0 +1,440 @@
+"""The training loop, written out in full: build, then step / accumulate / clip / optimize / schedule /
+eval / log / checkpoint. Methods differ only in how a batch becomes a loss (methods/)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+from ..config import Config, load_config
+from . import distributed as dist_util
+from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .manifest import build_manifest, write_json_atomic
+from .metrics import MetricsLogger
+from .optim import build_optimizer, trainable_parameters
+from .schedule import build_scheduler, warmup_steps_for
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device_dtype(cfg: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype, torch.dtype | None]:
+    """(device, weight dtype of the frozen base, autocast dtype or None)."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if cfg.fp16:
+            compute = torch.float16
+        elif cfg.bf16 is True or (cfg.bf16 == "auto" and bf16_ok):
+            compute = torch.bfloat16
+        else:
+            compute = torch.float32
+        if cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+        base = compute if cfg.adapter else torch.float32
+        return device, base, (compute if compute != torch.float32 else None)
+    if cfg.bf16 is True:
+        return torch.device("cpu"), (torch.bfloat16 if cfg.adapter else torch.float32), torch.bfloat16
+    return torch.device("cpu"), torch.float32, None
+
+
+class StopRequested(Exception):
+    pass
+
+
+class Trainer:
+    """Holds the pieces of one run. `run()` trains and returns the run directory."""
+
+    def __init__(self, cfg: Config, cfg_dir: Path | None = None):
+        self.cfg = cfg
+        self.cfg_dir = cfg_dir
+        self.rank, self.local_rank, self.world = dist_util.init(cfg.ddp_timeout)
+        self.main = self.rank == 0
+        self.run_dir = Path(cfg.output_dir)
+        self.stop_flag = False
+
+    # ---------------------------------------------------------------- build
+    def build_model(self) -> None:
+        from ..models import load_model
+
+        cfg = self.cfg
+        self.device, base_dtype, self.autocast = pick_device_dtype(cfg, self.local_rank)
+        if (cfg.load_in_4bit or cfg.load_in_8bit) and not _quant_available():
+            raise RuntimeError("load_in_4bit / adapter: qlora needs the quant module and a CUDA GPU in this version")
+        lm = load_model(cfg.base_model, base_dtype if not cfg.load_in_4bit else torch.float32, "cpu",
+                        own_decoder=cfg.own_decoder, tokenizer_path=cfg.tokenizer_config,
+                        trust_remote_code=cfg.trust_remote_code)
+        self.loaded = lm
+        self.tokenizer = lm.tokenizer
+        if cfg.special_tokens:
+            for k, v in cfg.special_tokens.items():
+                setattr(self.tokenizer, k, v)
+        model = lm.model
+        if cfg.adapter:
+            from ..adapters import inject_lora, load_adapter, target_names
+
+            if cfg.lora_model_dir:
+                load_adapter(model, cfg.lora_model_dir)
+            else:
+                inject_lora(model, target_names(cfg.lora_target_modules, cfg.lora_target_linear), cfg.lora_r,
+                            cfg.lora_alpha, cfg.lora_dropout, cfg.peft_use_rslora, cfg.lora_modules_to_save)
+            for _, p in trainable_parameters(model):
+                p.data = p.data.float()  # adapter weights train in fp32; autocast handles the matmuls
+            if cfg.load_in_4bit:
+                from ..quant import quantize_model
+
+                quantize_model(model, compute_dtype=base_dtype, double_quant=cfg.bnb_4bit_use_double_quant)
+        model.to(self.device)
+        _configure_kernels(model, cfg)
+        if cfg.gradient_checkpointing:
+            _apply_checkpointing(model, cfg.gradient_checkpointing)
+        self.model = model
+        self.train_model = _parallelize(model, cfg, self.world, self.device)
+
+    def build_data(self) -> None:
+        from ..data import prepare_data
+        from ..data.collate import COLLATE
+
+        self.data = prepare_data(self.cfg, self.tokenizer, cfg_dir=self.cfg_dir)
+        if not self.data.train:
+            raise ValueError("the training data is empty after preprocessing (all rows dropped or skipped?)")
+        from ..methods import build_method
+
+        self.method = build_method(self.cfg)
+        if getattr(self.method, "data_kind", self.data.kind) != self.data.kind:
+            raise ValueError(f"method {self.method.name!r} trains on {self.method.data_kind} rows but the datasets "
+                             f"are of kind {self.data.kind!r}: check each dataset's `type`")
+        self.collate = COLLATE[self.data.kind]
+
+    # ---------------------------------------------------------------- data order
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        from ..data.collate import micro_batches
+
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: micro_batches(len(self.data.train), self.cfg.micro_batch_size,
+                                                      self.cfg.seed, epoch)}
+        return self._epoch_cache[epoch]
+
+    def step_batches(self, step: int) -> tuple[list[dict[str, Any]], int, int]:
+        """This rank's micro-batches for optimizer step `step`, the step's global normaliser, and its epoch.
+
+        The global stream of micro-batches is a pure function of (seed, step): rank r takes every
+        world-th micro-batch of the step, so the result does not depend on how the batch is split.
+        """
+        a, w = self.cfg.accumulation_steps, self.world
+        m = self.micro_per_epoch
+        mine, normalizer, epoch = [], 0, 0
+        for j in range(a * w):
+            g = step * a * w + j
+            epoch, i = divmod(g, m)
+            rows = [self.data.train[k] for k in self._epoch_batches(epoch)[i]]
+            batch = self.collate(rows)
+            normalizer += self.method.count(batch)
+            if j % w == self.rank:
+                mine.append(batch)
+        return mine, normalizer, epoch
+
+    # ---------------------------------------------------------------- helpers
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def evaluate(self) -> dict[str, float] | None:
+        if not self.data.eval:
+            return None
+        from ..data.collate import micro_batches
+
+        self.train_model.eval()
+        size = self.cfg.eval_batch_size or self.cfg.micro_batch_size
+        batches = [self.collate([self.data.eval[k] for k in idx])
+                   for idx in micro_batches(len(self.data.eval), size, 0, 0, shuffle=False)]
+        total = sum(self.method.count(b) for b in batches)
+        loss_sum = 0.0
+        sums: dict[str, float] = {}
+        with torch.no_grad(), self._autocast():
+            for b in batches:
+                loss, metrics = self.method.loss(self.train_model, self._to_device(b), total)
+                loss_sum += float(loss)
+                weight = self.method.count(b) / max(total, 1)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * weight
+        self.train_model.train()
+        out = {"eval_loss": loss_sum}
+        if self.method.name == "sft":
+            out["eval_ppl"] = math.exp(min(loss_sum, 50.0))
+        out.update({f"eval_{k}": v for k, v in sums.items()})
+        return out
+
+    def write_final(self) -> Path:
+        """adapter/ (PEFT format) or model/ (safetensors + config + tokenizer), written atomically."""
+        from ..export.weights import save_model_folder
+
+        cfg = self.cfg
+        if cfg.adapter:
+            from ..adapters import save_adapter
+
+            out = save_adapter(self.model, self.run_dir / "adapter", str(self.loaded.path), cfg.lora_modules_to_save)
+            self.tokenizer.save_pretrained(str(out))
+        else:
+            out = save_model_folder(self.model, self.loaded.path, self.tokenizer, self.run_dir / "model")
+        _save_extra_heads(self.model, out)
+        return out
+
+    def _write_weights_into(self, folder: Path) -> None:
+        if self.cfg.adapter:
+            from ..adapters import save_adapter
+
+            save_adapter(self.model, folder / "adapter", str(self.loaded.path), self.cfg.lora_modules_to_save)
+            _save_extra_heads(self.model, folder / "adapter")
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> Path:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.build_model()
+        self.build_data()
+        if hasattr(self.method, "setup"):
+            self.method.setup(self.model, cfg, self.data)
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+        self.micro_per_epoch = len(self._epoch_batches(0))
+        per_step = cfg.accumulation_steps * self.world
+        steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / per_step))
+        total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+        warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
+        optimizer = build_optimizer(self.model, cfg)
+        scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, warmup, cfg.cosine_min_lr_ratio)
+
+        start_step, tokens_seen, elapsed_before = 0, 0, 0.0
+        ckpt = resolve_resume(cfg.resume_from_checkpoint, self.run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.model, optimizer, scheduler)
+            start_step, tokens_seen = state["step"], state.get("tokens_seen", 0)
+            elapsed_before = state.get("elapsed_s", 0.0)
+            if self.main:
+                print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
+
+        resolved = cfg.to_yaml_dict()
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            manifest = build_manifest(resolved, self.data.files, self.data.fingerprint, str(self.loaded.path), self.world)
+            manifest["data"]["stats"] = self.data.stats
+            manifest["total_steps"] = total_steps
+            write_json_atomic(self.run_dir / "manifest.json", manifest)
+            write_json_atomic(self.run_dir / "status.json", {"state": "running", "step": start_step,
+                                                              "total_steps": total_steps})
+        logger = MetricsLogger(self.run_dir, cfg, enabled=self.main, resume_step=start_step if ckpt else None)
+        bar = _progress(total_steps, start_step, self.main and cfg.progress_bar)
+        self._install_signal_handlers()
+        model = self.train_model
+        model.train()
+        params = [p for _, p in trainable_parameters(self.model)]
+        step = start_step
+        t_run = time.perf_counter()
+        status = "completed"
+        try:
+            while step < total_steps:
+                t0 = time.perf_counter()
+                batches, normalizer, epoch = self.step_batches(step)
+                loss_total = 0.0
+                sums: dict[str, float] = {}
+                n_tokens = 0
+                for b in batches:
+                    b = self._to_device(b)
+                    with self._autocast():
+                        loss, metrics = self.method.loss(model, b, normalizer)
+                    loss.backward()
+                    loss_total += float(loss.detach())
+                    n_tokens += int(b["input_ids"].numel())
+                    weight = self.method.count(b) / max(normalizer, 1)
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * weight
+                loss_total = _reduce_scalar(loss_total, self.device)
+                grad_norm = _clip(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.perf_counter() - t0
+                n_tokens = int(_reduce_scalar(float(n_tokens), self.device))
+                tokens_seen += n_tokens
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_total, "lr": lr,
+                       "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
+                       "tokens": tokens_seen, "trained_tokens": normalizer if self.method.name == "sft" else None,
+                       "elapsed_s": round(elapsed_before + time.perf_counter() - t_run, 3)}
+                row.update(_reduce_metrics(sums, self.device))
+                row = {k: v for k, v in row.items() if v is not None}
+                if step % cfg.logging_steps == 0 or step == total_steps:
+                    logger.log(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
+                    ev = self.evaluate()
+                    if ev:
+                        logger.log({"step": step, **ev})
+                if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or self.stop_flag:
+                    self.checkpoint(step, optimizer, scheduler, tokens_seen, elapsed_before + time.perf_counter() - t_run)
+                if self.main:
+                    write_json_atomic(self.run_dir / "status.json", {"state": "running", "step": step,
+                                                                      "total_steps": total_steps})
+                if self.stop_flag:
+                    raise StopRequested
+            ev = self.evaluate()
+            if ev:
+                logger.log({"step": step, **ev})
+            if self.main:
+                self.write_final()
+        except StopRequested:
+            status = "stopped"
+            if self.main:
+                print(f"\nstopped at step {step}; resume with resume_from_checkpoint=auto", file=sys.stderr)
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            bar.close()
+            logger.close()
+            if self.main:
+                write_json_atomic(self.run_dir / "status.json", {"state": status, "step": step,
+                                                                  "total_steps": total_steps})
+            dist_util.shutdown()
+        return self.run_dir
+
+    def checkpoint(self, step, optimizer, scheduler, tokens_seen, elapsed) -> None:
+        if not self.main:
+            return
+        state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "world_size": self.world,
+                 "seed": self.cfg.seed}
+        save_checkpoint(self.run_dir / "checkpoints" / f"step-{step}", self.model, optimizer, scheduler, state,
+                        write_weights=self._write_weights_into)
+        prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT finish the current step, write a checkpoint and exit (Studio's Stop button)."""
+
+        def handler(signum, frame):
+            if self.stop_flag:  # second signal: stop now
+                raise KeyboardInterrupt
+            self.stop_flag = True
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:
+            pass  # not the main thread (notebooks): Ctrl-C behaves as usual
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=False))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=False))
+
+
+def _reduce_scalar(x: float, device: torch.device) -> float:
+    if not torch.distributed.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist_util.all_reduce_sum(t)
+    return float(t.item())
+
+
+def _reduce_metrics(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not torch.distributed.is_initialized() or not sums:
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    dist_util.all_reduce_sum(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _quant_available() -> bool:
+    try:
+        from ..quant import quantize_model  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _configure_kernels(model: nn.Module, cfg: Config) -> None:
+    """Fused kernels on a CUDA GPU unless `kernels: false`; per-block torch.compile when asked."""
+    try:
+        from ..models.fused import compile_blocks, set_fused
+    except ImportError:
+        return
+    set_fused(model, cfg.kernels and next(model.parameters()).is_cuda)
+    if cfg.torch_compile:
+        compile_blocks(model)
+
+
+def _apply_checkpointing(model: nn.Module, mode: bool | str) -> None:
+    try:
+        from .activations import apply_checkpointing
+    except ImportError:
+        apply_checkpointing = None
+    if apply_checkpointing is not None:
+        apply_checkpointing(model, mode)
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    body = getattr(model, "model", None)
+    if body is not None and hasattr(body, "checkpoint_fn"):
+        body.checkpoint_fn = lambda layer, *a: checkpoint(layer, *a, use_reentrant=False)
+    elif hasattr(model, "hf"):
+        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _parallelize(model: nn.Module, cfg: Config, world: int, device: torch.device) -> nn.Module:
+    if world == 1:
+        return model
+    from .parallel import parallelize
+
+    return parallelize(model, cfg, device)
+
+
+def _save_extra_heads(model: nn.Module, folder: Path) -> None:
+    """Heads that are not part of the LM (reward model `score`) are saved beside the weights."""
+    heads = {n: p for n, p in model.state_dict().items() if n.startswith("score.")}
+    if heads:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in heads.items()}, str(Path(folder) / "score_head.safetensors"))
+
+
+def train(config: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None) -> Path:
+    """Train from a YAML path, a dict or a Config; returns the run directory."""
+    cfg_dir = Path(config).resolve().parent if isinstance(config, (str, Path)) else None
+    cfg = load_config(config, overrides)
+    return Trainer(cfg, cfg_dir).run()
+
+
+__all__ = ["Trainer", "list_checkpoints", "train"]
