@@ -94,6 +94,7 @@ def inject_lora(model: nn.Module, targets: list[str], r: int, alpha: float, drop
     if not replaced:
         raise ValueError(f"lora_target_modules {targets} matched no linear layer of the model")
     for name in modules_to_save or []:
+        untie_if_shared(model, name)
         found = False
         for mname, module in model.named_modules():
             if mname == name or mname.endswith("." + name):
@@ -103,6 +104,19 @@ def inject_lora(model: nn.Module, targets: list[str], r: int, alpha: float, drop
         if not found:
             raise ValueError(f"lora_modules_to_save: no module named {name!r}")
     return replaced
+
+
+def untie_if_shared(model: nn.Module, name: str) -> None:
+    """A module trained fully (modules_to_save) gets its own copy when its weight is tied (lm_head <-> embeddings),
+    as peft does, so training it never moves the other."""
+    if name.rsplit(".", 1)[-1] != "lm_head" or not hasattr(model, "lm_head"):
+        return
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else getattr(
+        getattr(model, "model", None), "embed_tokens", None)
+    if emb is not None and model.lm_head.weight is emb.weight:
+        model.lm_head.weight = nn.Parameter(emb.weight.detach().clone())
+        if hasattr(model, "cfg") and getattr(model.cfg, "tie_word_embeddings", False):
+            model.cfg.tie_word_embeddings = False
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

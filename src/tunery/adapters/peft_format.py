@@ -71,7 +71,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str, mo
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
     """Inject LoRA per adapter_config.json, then load the weights. Returns the adapter config."""
-    from .lora import inject_lora
+    from .lora import inject_lora, untie_if_shared
 
     d = Path(adapter_dir)
     cfg_path = d / "adapter_config.json"
@@ -86,7 +86,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
                     cfg.get("modules_to_save"))
     state = load_file(str(d / "adapter_model.safetensors"))
     layers = lora_layers(model)
-    params = dict(model.named_parameters())
+    for name in cfg.get("modules_to_save") or []:
+        untie_if_shared(model, name)
+    params = dict(model.named_parameters(remove_duplicate=False))
     for key, value in state.items():
         name = key.removeprefix(PREFIX)
         for tag in (".lora_A.weight", ".lora_B.weight"):

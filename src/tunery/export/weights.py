@@ -79,6 +79,9 @@ def save_model_folder(model: nn.Module, base_path: Path, tokenizer: Any, out: Pa
         save_sharded(state, tmp, max_shard_bytes)
         cfg = json.loads((Path(base_path) / "config.json").read_text())
         cfg.pop("quantization_config", None)
+        own_cfg = getattr(model, "cfg", None)
+        if own_cfg is not None and hasattr(own_cfg, "tie_word_embeddings"):
+            cfg["tie_word_embeddings"] = bool(own_cfg.tie_word_embeddings)  # lm_head may have been untied
         some = next(iter(state.values()))
         cfg["dtype"] = str(some.dtype).removeprefix("torch.")
         cfg.pop("torch_dtype", None)
