@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import sys
@@ -24,6 +25,9 @@ from .manifest import build_manifest, write_json_atomic
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
 from .schedule import build_scheduler, warmup_steps_for
+
+
+_STEP_DELAY = float(os.environ.get("TUNERY_DEBUG_STEP_DELAY", "0") or 0)
 
 
 def seed_everything(seed: int) -> None:
@@ -300,6 +304,8 @@ class Trainer:
                                                                       "total_steps": total_steps})
                 if self.stop_flag:
                     raise StopRequested
+                if _STEP_DELAY:
+                    time.sleep(_STEP_DELAY)  # test hook: gives a crash test time to kill mid-run
             ev = self.evaluate()
             if ev:
                 logger.log({"step": step, **ev})
