@@ -1,6 +1,11 @@
 """Fused ops. Each module: a Triton kernel, a plain-PyTorch reference, and the function that picks one.
 
 Only torch and triton may be imported here (DESIGN.md).
+
+The fused paths run for CUDA tensors. On CPU they run only under `TRITON_INTERPRET=1` together with
+`TUNERY_TRITON_ON_CPU=1` (the parity tests); TRITON_INTERPRET must be set before this package is
+imported, because triton reads it when a kernel is defined. `set_kernels_enabled(False)` (the
+config's `kernels: false`) turns every fused path off for the process.
 """
 
 from __future__ import annotations
@@ -8,6 +13,18 @@ from __future__ import annotations
 import os
 
 import torch
+
+_ENABLED = True
+
+
+def set_kernels_enabled(enabled: bool) -> None:
+    """Process-wide switch: False makes every op take its plain-PyTorch reference."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def kernels_enabled() -> bool:
+    return _ENABLED
 
 
 def triton_available() -> bool:
@@ -19,10 +36,24 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton_for(x: torch.Tensor, enabled: bool = True) -> bool:
-    """Fused path for CUDA tensors; on CPU only when TRITON_INTERPRET=1 asks for it."""
-    if not enabled or not triton_available():
+def interpret_on_cpu() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("TUNERY_TRITON_ON_CPU") == "1"
+
+
+def use_triton_for(x: torch.Tensor, enabled: bool | None = True) -> bool:
+    """Fused path for CUDA tensors; on CPU only when TRITON_INTERPRET=1 asks for it.
+
+    `enabled=None` means "auto" (same as True); False always gives the reference.
+    """
+    if enabled is False or not _ENABLED or not triton_available():
         return False
     if x.is_cuda:
         return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("TUNERY_TRITON_ON_CPU") == "1"
+    return x.device.type == "cpu" and interpret_on_cpu()
+
+
+def num_programs(x: torch.Tensor, per_sm: int = 4) -> int:
+    """Persistent-grid size: a few programs per SM on a GPU, a handful under the interpreter."""
+    if x.is_cuda:
+        return torch.cuda.get_device_properties(x.device).multi_processor_count * per_sm
+    return 4

@@ -1,13 +1,23 @@
 """Document-isolated causal attention for padding-free rows.
 
 A batch is one flat row per micro-batch: documents are told apart by `cu_seqlens` (cumulative
-lengths). On CPU the reference runs SDPA per document; on a GPU the varlen/flex paths take over.
+lengths). On CPU the reference runs SDPA per document. On a GPU (bf16/fp16):
+
+- "flash": PyTorch's own FlashAttention-2 varlen kernels (`aten::_flash_attention_forward` with
+  cu_seqlens, the op behind `torch.nn.attention.varlen`), GQA and sliding windows included;
+- "flex": FlexAttention with a block mask built from cu_seqlens (document + causal + window) and a
+  tanh score_mod for soft-capping (Gemma 2); used when flash cannot do the job;
+- "sdpa": the per-document reference.
+
+`backend="auto"` picks flash, then flex, then sdpa.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import kernels_enabled
 
 
 def _sdpa(q, k, v, scale, window, softcap):
@@ -45,5 +55,152 @@ def varlen_attention_reference(
     return out
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window=None, softcap=None, backend: str = "auto"):
-    return varlen_attention_reference(q, k, v, cu_seqlens, scale, window, softcap)
+# ---------------------------------------------------------------------------------------------- flash
+
+
+def _flash_args() -> set[str] | None:
+    try:
+        return {a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments}
+    except Exception:
+        return None
+
+
+_FLASH_ARGS = _flash_args()
+
+
+def flash_supports(q: torch.Tensor, window: int | None) -> bool:
+    if _FLASH_ARGS is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    d = q.shape[-1]
+    if d % 8 or d > 256:
+        return False
+    return window is None or "window_size_left" in _FLASH_ARGS
+
+
+def _window_kw(scale: float, window: int | None) -> dict:
+    kw: dict = {"scale": scale}
+    if window is not None:
+        kw["window_size_left"] = int(window) - 1  # keys with q - k < window, as the reference mask
+        kw["window_size_right"] = 0
+    return kw
+
+
+class FlashVarlenFunction(torch.autograd.Function):
+    """Causal varlen FlashAttention-2; saves q, k, v, out and the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, window):
+        kw = _window_kw(scale, window)
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, **kw)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng, unused)
+        ctx.cfg = (max_seqlen, kw)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        max_seqlen, kw = ctx.cfg
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            do.contiguous(), q, k, v, out, lse, cu, cu, max_seqlen, max_seqlen, 0.0, True, rng, unused, **kw)
+        return dq, dk, dv, None, None, None, None
+
+
+@torch.compiler.disable
+def flash_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window: int | None = None) -> torch.Tensor:
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return FlashVarlenFunction.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), float(scale), window)
+
+
+# ----------------------------------------------------------------------------------------------- flex
+
+_flex_fns: dict = {}
+_mask_cache: dict = {}
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _flex(cuda: bool):
+    """FlexAttention compiled for CUDA (uncompiled it materialises the scores); eager on CPU (tests)."""
+    if cuda not in _flex_fns:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_fns[cuda] = torch.compile(flex_attention) if cuda else flex_attention
+    return _flex_fns[cuda]
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, n: int, window: int | None, device):
+    """Block mask: same document, causal, and (when set) q - k < window. Cached per cu_seqlens tensor."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = window
+    hit = _mask_cache.get(key)
+    if hit is not None and hit[0] is cu_seqlens and hit[1] == cu_seqlens._version and hit[2] == n:
+        return hit[3]
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    doc = torch.searchsorted(cu[1:], torch.arange(n, device=device), right=True)
+
+    if window is None:
+        def mask_mod(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki)
+    else:
+        def mask_mod(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki) & (qi - ki < window)
+
+    mask = create_block_mask(mask_mod, None, None, n, n, device=device)
+    _mask_cache[key] = (cu_seqlens, cu_seqlens._version, n, mask)
+    return mask
+
+
+def flex_varlen(q, k, v, cu_seqlens, scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
+    n = q.shape[0]
+    mask = document_block_mask(cu_seqlens, n, window, q.device)
+    score_mod = None
+    if softcap is not None:
+        cap = float(softcap)
+
+        def score_mod(score, b, h, qi, ki):
+            return torch.tanh(score / cap) * cap
+
+    qq, kk, vv = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = _flex(q.is_cuda)(qq, kk, vv, score_mod=score_mod, block_mask=mask, scale=scale,
+                  enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
+# --------------------------------------------------------------------------------------------- choose
+
+
+def pick_backend(q: torch.Tensor, window: int | None, softcap: float | None) -> str:
+    if not q.is_cuda or not kernels_enabled() or q.dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa"
+    if softcap is None and flash_supports(q, window):
+        return "flash"
+    if flex_available():
+        return "flex"
+    return "sdpa"
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int | None, scale: float, window=None, softcap=None,
+                     backend: str = "auto"):
+    """q [N, H, D], k/v [N, Hkv, D] (H a multiple of Hkv) -> [N, H, D], causal inside each document."""
+    if backend == "auto":
+        backend = pick_backend(q, window, softcap)
+    if backend == "flash":
+        if softcap is not None:
+            raise ValueError("the flash backend has no soft-capping: use backend 'flex' or 'auto'")
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return flash_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window)
+    if backend == "flex":
+        return flex_varlen(q, k, v, cu_seqlens, scale, window, softcap)
+    if backend in ("sdpa", "reference"):
+        return varlen_attention_reference(q, k, v, cu_seqlens, scale, window, softcap)
+    raise ValueError(f"unknown attention backend {backend!r} (auto, flash, flex, sdpa)")

@@ -7,6 +7,14 @@ from typing import Any
 
 import torch
 
+from . import use_triton_for
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - triton is optional
+    triton = None
+
 
 def rope_inv_freq(head_dim: int, params: dict[str, Any] | None, max_position: int = 8192) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the attention scaling for `rope_type` default, linear, llama3 or yarn."""
@@ -56,7 +64,7 @@ def rope_inv_freq(head_dim: int, params: dict[str, Any] | None, max_position: in
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [B, T, D] (halves repeated), computed in fp32."""
-    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)[None, None, :]
+    freqs = position_ids.float()[..., None] * inv_freq.to(device=position_ids.device, dtype=torch.float32)[None, None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
@@ -77,5 +85,73 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return (torch.cat([qr * c + _rotate_half(qr) * s, qp], -1), torch.cat([kr * c + _rotate_half(kr) * s, kp], -1))
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False):
+if triton is not None:
+
+    @triton.jit
+    def _rope_kernel(X, OUT, COS, SIN, stride_xn, stride_on, stride_cn, n_heads, head_dim, half,
+                     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr):
+        """One token per program: rotates the first 2*half dims of every head (rotate-half layout)."""
+        n = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, BLOCK_HALF)
+        jm = j < half
+        c = tl.load(COS + n * stride_cn + j, mask=jm, other=0.0).to(tl.float32)
+        s = tl.load(SIN + n * stride_cn + j, mask=jm, other=0.0).to(tl.float32)
+        if BACKWARD:
+            s = -s
+        for h0 in range(0, n_heads, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            m = (h < n_heads)[:, None] & jm[None, :]
+            src = X + n * stride_xn + h[:, None] * head_dim + j[None, :]
+            x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(src + half, mask=m, other=0.0).to(tl.float32)
+            dst = OUT + n * stride_on + h[:, None] * head_dim + j[None, :]
+            tl.store(dst, (x1 * c[None, :] - x2 * s[None, :]).to(OUT.dtype.element_ty), mask=m)
+            tl.store(dst + half, (x2 * c[None, :] + x1 * s[None, :]).to(OUT.dtype.element_ty), mask=m)
+
+
+def _rope_triton(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, backward: bool) -> torch.Tensor:
+    """x [B, T, H, D] -> rotated copy; cos2/sin2 [B*T, rd] with halves repeated."""
+    b, t, h, d = x.shape
+    rd = cos2.shape[-1]
+    x2 = x.reshape(b * t, h * d)
+    if x2.stride(-1) != 1 or x2.stride(0) != h * d:
+        x2 = x2.contiguous()
+    out = torch.empty_like(x2) if rd == d else x2.clone()
+    half = rd // 2
+    block_half = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(h), 2048 // block_half))
+    _rope_kernel[(b * t,)](x2, out, cos2, sin2, x2.stride(0), out.stride(0), cos2.stride(0), h, d, half,
+                           BLOCK_H=block_h, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=4)
+    return out.view(b, t, h, d)
+
+
+def _cos_sin_rows(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rd = cos.shape[-1]
+    return cos.reshape(-1, rd).contiguous(), sin.reshape(-1, rd).contiguous()
+
+
+class RoPEFunction(torch.autograd.Function):
+    """Rotates q and k; saves nothing but cos/sin (shared by every layer). Backward rotates by -angle."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        c2, s2 = _cos_sin_rows(cos, sin)
+        ctx.save_for_backward(c2, s2)
+        return _rope_triton(q, c2, s2, False), _rope_triton(k, c2, s2, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        c2, s2 = ctx.saved_tensors
+        dq = _rope_triton(dq, c2, s2, True) if dq is not None else None
+        dk = _rope_triton(dk, c2, s2, True) if dk is not None else None
+        return dq, dk, None, None
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool | None = None):
+    """q [B, T, H, D], k [B, T, Hkv, D]; cos/sin [B, T, rd] from rope_cos_sin (halves repeated).
+
+    fused=None: the Triton kernel for CUDA tensors, the reference elsewhere.
+    """
+    if use_triton_for(q, fused):
+        return RoPEFunction.apply(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)

@@ -1,0 +1,276 @@
+"""Fused (RMSNorm +) LoRA projections and the fused LoRA gated MLP.
+
+One projection is y = x W^T + b + s (x A^T) B^T, with A [r, in], B [out, r], s the LoRA scale.
+`fused_linears` runs several projections that share one input (q/k/v, or o alone), optionally with
+the RMSNorm in front folded in; `fused_mlp` runs norm -> gate, up -> act -> down. Both are
+autograd Functions that save only what backward needs:
+
+- the input before the norm and its 1/rms (the normalised input is recomputed in backward),
+- the tiny [tokens, r] LoRA intermediates (already multiplied by s),
+- for the MLP, gate and up (or nothing, with `recompute=True`: they are recomputed in backward),
+- never the projection outputs, never act(gate) * up.
+
+The LoRA matmuls go through cuBLAS with beta=1 accumulation (no extra elementwise passes), the
+scale is folded into the [tokens, r] intermediates, and the input gradient of all projections is
+accumulated into one buffer. No weight gradient is computed for a frozen base weight. A base
+weight may come from `weight_fn` (QLoRA: dequantized in forward and again in backward, never kept).
+The norm and activation run as Triton kernels when `use_triton` is set, in plain PyTorch otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import use_triton_for
+from .activations import gated_act_backward, gated_act_forward
+from .rmsnorm import rms_norm_backward, rms_norm_forward
+
+
+@dataclass
+class LinearSpec:
+    """One projection. `weight` is the base [out, in] tensor, or None when `weight_fn` gives it."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None = None
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    scale: float = 1.0
+    weight_fn: Callable[[], torch.Tensor] | None = None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.weight, self.bias, self.lora_a, self.lora_b]
+
+
+@dataclass
+class _Meta:
+    eps: float
+    offset: float
+    scales: list[float]
+    weight_fns: list[Callable[[], torch.Tensor] | None]
+    use_triton: bool
+    kind: str = "silu"
+    recompute: bool = False
+
+
+def _weight(ts, i: int, meta: _Meta, dtype) -> torch.Tensor:
+    w = ts[4 * i]
+    if w is None:
+        w = meta.weight_fns[i]()
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def _lora_in(xn: torch.Tensor, ts, idx: list[int], meta: _Meta) -> torch.Tensor | None:
+    """[N, sum r] = s_i * (xn A_i^T) for every projection i in idx that has LoRA."""
+    lora = [i for i in idx if ts[4 * i + 2] is not None]
+    if not lora:
+        return None
+    a = torch.cat([ts[4 * i + 2].to(xn.dtype) for i in lora])
+    xa = xn @ a.t()
+    scale = torch.cat([torch.full((ts[4 * i + 2].shape[0],), meta.scales[i], dtype=xn.dtype, device=xn.device)
+                       for i in lora])
+    return xa.mul_(scale)
+
+
+def _slices(ts, idx: list[int]) -> dict[int, slice]:
+    out, off = {}, 0
+    for i in idx:
+        if ts[4 * i + 2] is not None:
+            r = ts[4 * i + 2].shape[0]
+            out[i] = slice(off, off + r)
+            off += r
+    return out
+
+
+def _project(xn, ts, i, meta, xa_s, sl) -> torch.Tensor:
+    w = _weight(ts, i, meta, xn.dtype)
+    bias = ts[4 * i + 1]
+    if i not in sl:
+        return F.linear(xn, w, bias)
+    b = ts[4 * i + 3].to(xn.dtype)
+    part = xa_s[:, sl[i]]
+    out = torch.addmm(bias.to(xn.dtype), part, b.t()) if bias is not None else part @ b.t()
+    return out.addmm_(xn, w.t())
+
+
+def _linears_backward(xn, dys, ts, idx, meta, xa_s, need, need_dx):
+    """Weight/LoRA grads of projections idx (list into ts) for output grads dys; returns dxn (or None).
+
+    need: ctx.needs_input_grad offset so that need[4*i + j] is the flag of ts[4*i + j].
+    """
+    grads: dict[int, torch.Tensor | None] = {}
+    sl = _slices(ts, idx)
+    dxa_parts, a_parts = [], []
+    for i, dy in zip(idx, dys):
+        if i not in sl or dy is None:
+            continue
+        a, b = ts[4 * i + 2], ts[4 * i + 3]
+        dxa = (dy @ b.to(dy.dtype)).mul_(meta.scales[i])  # [N, r] = s * dy B
+        if need[4 * i + 3]:
+            grads[4 * i + 3] = (dy.t() @ xa_s[:, sl[i]]).to(b.dtype)  # s * dy^T (x A^T)
+        if need[4 * i + 2]:
+            grads[4 * i + 2] = (dxa.t() @ xn).to(a.dtype)
+        dxa_parts.append(dxa)
+        a_parts.append(a.to(dy.dtype))
+    dxn = None
+    if need_dx and dxa_parts:
+        dxn = torch.cat(dxa_parts, 1) @ torch.cat(a_parts) if len(dxa_parts) > 1 else dxa_parts[0] @ a_parts[0]
+    for i, dy in zip(idx, dys):
+        if dy is None:
+            continue
+        if need_dx:
+            w = _weight(ts, i, meta, dy.dtype)
+            dxn = dy @ w if dxn is None else dxn.addmm_(dy, w)
+        if need[4 * i]:
+            grads[4 * i] = (dy.t() @ xn).to(ts[4 * i].dtype)
+        if need[4 * i + 1]:
+            grads[4 * i + 1] = dy.sum(0).to(ts[4 * i + 1].dtype)
+    if need_dx and dxn is None:
+        dxn = torch.zeros_like(xn)
+    return dxn, grads
+
+
+def _norm_in(x, norm_w, meta):
+    if norm_w is None:
+        return x, None
+    return rms_norm_forward(x, norm_w, meta.eps, meta.offset, meta.use_triton)
+
+
+def _norm_back(dxn, x, norm_w, rstd, meta, need_x, need_w):
+    if norm_w is None:
+        return dxn, None
+    if dxn is None:
+        return None, None
+    dx, dw = rms_norm_backward(dxn, x, rstd, norm_w, meta.offset, need_w, meta.use_triton)
+    return (dx if need_x else None), dw
+
+
+class FusedLinearsFunction(torch.autograd.Function):
+    """(optional RMSNorm) -> n projections of one input."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, meta, *ts):
+        idx = list(range(len(ts) // 4))
+        xn, rstd = _norm_in(x, norm_w, meta)
+        xa_s = _lora_in(xn, ts, idx, meta)
+        sl = _slices(ts, idx)
+        outs = [_project(xn, ts, i, meta, xa_s, sl) for i in idx]
+        ctx.meta = meta
+        ctx.save_for_backward(x, norm_w, rstd, xa_s, *ts)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, norm_w, rstd, xa_s, *ts = ctx.saved_tensors
+        meta = ctx.meta
+        need = ctx.needs_input_grad
+        idx = list(range(len(ts) // 4))
+        xn = _norm_in(x, norm_w, meta)[0] if norm_w is not None else x
+        need_dx = need[0] or (norm_w is not None and need[1])
+        dxn, grads = _linears_backward(xn, dys, ts, idx, meta, xa_s, need[3:], need_dx)
+        dx, dnw = _norm_back(dxn, x, norm_w, rstd, meta, need[0], need[1])
+        return (dx, dnw, None, *[grads.get(j) for j in range(len(ts))])
+
+
+class FusedMLPFunction(torch.autograd.Function):
+    """(optional RMSNorm) -> gate, up -> act(gate) * up -> down; ts = gate(4) + up(4) + down(4)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, meta, *ts):
+        xn, rstd = _norm_in(x, norm_w, meta)
+        xa_s = _lora_in(xn, ts, [0, 1], meta)
+        sl = _slices(ts, [0, 1])
+        g = _project(xn, ts, 0, meta, xa_s, sl)
+        u = _project(xn, ts, 1, meta, xa_s, sl)
+        h = gated_act_forward(g, u, meta.kind, meta.use_triton)
+        ha_s = _lora_in(h, ts, [2], meta)
+        out = _project(h, ts, 2, meta, ha_s, {2: slice(None)} if ha_s is not None else {})
+        ctx.meta = meta
+        if meta.recompute:
+            g = u = None
+        ctx.save_for_backward(x, norm_w, rstd, xa_s, ha_s, g, u, *ts)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, norm_w, rstd, xa_s, ha_s, g, u, *ts = ctx.saved_tensors
+        meta = ctx.meta
+        need = ctx.needs_input_grad
+        tneed = need[3:]
+        xn = _norm_in(x, norm_w, meta)[0] if norm_w is not None else x
+        fresh = g is None
+        if fresh:
+            sl = _slices(ts, [0, 1])
+            g = _project(xn, ts, 0, meta, xa_s, sl)
+            u = _project(xn, ts, 1, meta, xa_s, sl)
+        dout = dout.reshape(-1, dout.shape[-1])
+        grads: dict[int, torch.Tensor | None] = {}
+        # down projection: dh = dout Wd + s (dout Bd) Ad
+        wd = _weight(ts, 2, meta, dout.dtype)
+        if ts[10] is not None:
+            ad, bd = ts[10], ts[11]
+            dha = (dout @ bd.to(dout.dtype)).mul_(meta.scales[2])
+            if tneed[11]:
+                grads[11] = (dout.t() @ ha_s).to(bd.dtype)
+            dh = (dha @ ad.to(dout.dtype)).addmm_(dout, wd)
+        else:
+            dha = None
+            dh = dout @ wd
+        want_h = (dha is not None and tneed[10]) or tneed[8]
+        h, dg, du = gated_act_backward(dh, g, u, meta.kind, meta.use_triton, want_h=want_h, reuse_inputs=fresh)
+        if dha is not None and tneed[10]:
+            grads[10] = (dha.t() @ h).to(ts[10].dtype)
+        if tneed[8]:
+            grads[8] = (dout.t() @ h).to(ts[8].dtype)
+        if tneed[9]:
+            grads[9] = dout.sum(0).to(ts[9].dtype)
+        del h, dh
+        need_dx = need[0] or (norm_w is not None and need[1])
+        dxn, g2 = _linears_backward(xn, [dg, du], ts, [0, 1], meta, xa_s, tneed, need_dx)
+        grads.update(g2)
+        dx, dnw = _norm_back(dxn, x, norm_w, rstd, meta, need[0], need[1])
+        return (dx, dnw, None, *[grads.get(j) for j in range(len(ts))])
+
+
+def _flat_specs(specs: list[LinearSpec]) -> tuple[list, list[float], list]:
+    ts: list = []
+    for s in specs:
+        if s.weight is None and s.weight_fn is None:
+            raise ValueError("LinearSpec needs a weight or a weight_fn")
+        ts.extend(s.tensors())
+    return ts, [float(s.scale) for s in specs], [s.weight_fn for s in specs]
+
+
+@torch.compiler.disable
+def fused_linears(x: torch.Tensor, specs: list[LinearSpec], norm_weight: torch.Tensor | None = None,
+                  eps: float = 1e-6, offset: float = 0.0, use_triton: bool | None = None) -> list[torch.Tensor]:
+    """[norm(x)] -> [x W_i^T + b_i + s_i x A_i^T B_i^T for each spec]; x [..., in] -> list of [..., out_i]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    tri = use_triton_for(x2, use_triton) if norm_weight is not None else False
+    ts, scales, fns = _flat_specs(specs)
+    meta = _Meta(eps, float(offset), scales, fns, tri)
+    outs = FusedLinearsFunction.apply(x2, norm_weight, meta, *ts)
+    return [o.view(*lead, o.shape[-1]) for o in outs]
+
+
+@torch.compiler.disable
+def fused_mlp(x: torch.Tensor, gate: LinearSpec, up: LinearSpec, down: LinearSpec, kind: str = "silu",
+              norm_weight: torch.Tensor | None = None, eps: float = 1e-6, offset: float = 0.0,
+              recompute: bool = False, use_triton: bool | None = None) -> torch.Tensor:
+    """[norm(x)] -> down(act(gate(.)) * up(.)); recompute=True keeps no [tokens, intermediate] tensor."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    tri = use_triton_for(x2, use_triton)
+    ts, scales, fns = _flat_specs([gate, up, down])
+    meta = _Meta(eps, float(offset), scales, fns, tri, kind, bool(recompute))
+    out = FusedMLPFunction.apply(x2, norm_weight, meta, *ts)
+    return out.view(*lead, out.shape[-1])
+
+
+def lora_linear(x: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
+    """One projection with the fused LoRA backward (e.g. o_proj)."""
+    return fused_linears(x, [spec])[0]
