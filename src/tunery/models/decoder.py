@@ -85,6 +85,8 @@ def linear_spec(m: nn.Module) -> LinearSpec | None:
     None means "not fusable here" (active dropout, DoRA, an unknown module): the caller falls back."""
     if type(m) is nn.Linear:
         return LinearSpec(m.weight, m.bias)
+    if getattr(m, "is_quantized_linear", False) and hasattr(m.weight, "dequantize"):  # quant.NF4Linear
+        return LinearSpec(None, m.bias, weight_fn=m.weight.dequantize)
     if not (hasattr(m, "lora_A") and hasattr(m, "lora_B") and hasattr(m, "base_weight")):
         return None
     if getattr(m, "use_dora", False) or getattr(m, "magnitude", None) is not None:

@@ -1,0 +1,183 @@
+"""Fused autograd Functions on CPU with their plain-PyTorch inner ops (no Triton): chunked linear CE,
+token log-probs, fused LoRA projections / MLP against the LoRALinear modules, FlexAttention masks.
+
+The Triton kernels themselves are checked in test_kernels_interp.py (interpreter) and
+test_kernels_gpu.py (CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tunery.adapters.lora import LoRALinear
+from tunery.kernels import kernels_enabled, set_kernels_enabled, use_triton_for
+from tunery.kernels.attention import (
+    flex_available,
+    pick_backend,
+    varlen_attention,
+    varlen_attention_reference,
+)
+from tunery.kernels.cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+    token_logprobs,
+    token_logprobs_reference,
+)
+from tunery.kernels.lora import fused_linears, fused_mlp
+from tunery.kernels.rmsnorm import rms_norm_reference
+from tunery.models.decoder import linear_spec
+
+
+def _grads(loss, params):
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("softcap,z_loss", [(None, 0.0), (4.0, 1e-3)])
+def test_linear_cross_entropy_fused_matches_reference(softcap, z_loss):
+    torch.manual_seed(0)
+    h = torch.randn(45, 16, requires_grad=True)
+    w = (torch.randn(130, 16) * 0.5).requires_grad_()
+    y = torch.randint(0, 130, (45,))
+    y[::3] = -100
+    got = linear_cross_entropy(h, w, y, softcap=softcap, z_loss=z_loss, fused=True, chunk_size=8)
+    ref = linear_cross_entropy_reference(h, w, y, softcap=softcap, z_loss=z_loss)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(_grads(got * 0.37, [h, w]), _grads(ref * 0.37, [h, w])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_cross_entropy_edge_cases():
+    torch.manual_seed(0)
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(20, 8)  # frozen head: no weight grad is computed
+    y = torch.full((6,), -100)
+    loss = linear_cross_entropy(h, w, y, fused=True)
+    assert loss.item() == 0.0
+    (g,) = _grads(loss, [h])
+    assert torch.count_nonzero(g) == 0
+    y = torch.randint(0, 20, (6,))
+    with torch.no_grad():
+        a = linear_cross_entropy(h, w, y, fused=True)
+    torch.testing.assert_close(a, linear_cross_entropy_reference(h.detach(), w, y))
+
+
+def test_token_logprobs_fused_matches_reference():
+    torch.manual_seed(0)
+    h = torch.randn(30, 16, requires_grad=True)
+    w = (torch.randn(90, 16) * 0.5).requires_grad_()
+    y = torch.randint(0, 90, (30,))
+    y[5:9] = -100
+    got = token_logprobs(h, w, y, softcap=3.0, fused=True, chunk_size=7)
+    ref = token_logprobs_reference(h, w, y, softcap=3.0)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert got[5:9].abs().sum() == 0
+    r = torch.randn(30)
+    for a, b in zip(_grads((got * r).sum(), [h, w]), _grads((ref * r).sum(), [h, w])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _lora(base: nn.Module, r=4, alpha=8.0) -> LoRALinear:
+    m = LoRALinear(base, r, alpha)
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.2)
+    return m
+
+
+def _params(mods):
+    return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_fused_norm_qkv_matches_modules(with_lora):
+    torch.manual_seed(0)
+    d = 24
+    mk = (lambda o: _lora(nn.Linear(d, o, bias=True))) if with_lora else (lambda o: nn.Linear(d, o, bias=True))
+    q, k, v = mk(32), mk(16), mk(16)
+    nw = nn.Parameter(torch.randn(d) * 0.3 + 1)
+    x = torch.randn(2, 5, d, requires_grad=True)
+    params = [x, nw, *_params([q, k, v])]
+    outs = fused_linears(x, [linear_spec(m) for m in (q, k, v)], nw, 1e-6, 0.0, use_triton=False)
+    hn = rms_norm_reference(x, nw, 1e-6, 0.0)
+    refs = [q(hn), k(hn), v(hn)]
+    r = [torch.randn_like(o) for o in refs]
+    for a, b in zip(outs, refs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ga = _grads(sum((o * ri).sum() for o, ri in zip(outs, r)), params)
+    gb = _grads(sum((o * ri).sum() for o, ri in zip(refs, r)), params)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_fused_mlp_matches_modules(recompute, with_lora):
+    from tunery.kernels.activations import gated_act_reference
+
+    torch.manual_seed(0)
+    d, i = 16, 40
+    mk = (lambda a, b: _lora(nn.Linear(a, b, bias=False))) if with_lora else (lambda a, b: nn.Linear(a, b, bias=False))
+    g, u, dn = mk(d, i), mk(d, i), mk(i, d)
+    x = torch.randn(3, 4, d, requires_grad=True)
+    params = [x, *_params([g, u, dn])]
+    got = fused_mlp(x, linear_spec(g), linear_spec(u), linear_spec(dn), "silu", recompute=recompute,
+                    use_triton=False)
+    ref = dn(gated_act_reference(g(x), u(x), "silu"))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    r = torch.randn_like(ref)
+    for a, b in zip(_grads((got * r).sum(), params), _grads((ref * r).sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_spec_rules():
+    lin = nn.Linear(4, 4)
+    m = LoRALinear(nn.Linear(4, 4), 2, 4.0, dropout=0.1)
+    assert linear_spec(lin).lora_a is None
+    m.train()
+    assert linear_spec(m) is None  # active dropout: the plain path keeps its exact semantics
+    m.eval()
+    assert linear_spec(m).lora_a is m.lora_A
+    m.enabled = False
+    assert linear_spec(m).lora_a is None  # adapters_disabled(): the base model
+    assert linear_spec(nn.Conv1d(4, 4, 1)) is None
+
+
+def test_qlora_weight_fn_is_not_kept():
+    nf4 = pytest.importorskip("tunery.quant.nf4")
+    torch.manual_seed(0)
+    base = nf4.NF4Linear.from_linear(nn.Linear(64, 64, bias=False))
+    m = _lora(base)
+    spec = linear_spec(m)
+    assert spec.weight is None and spec.weight_fn is not None
+    x = torch.randn(3, 64, requires_grad=True)
+    got = fused_linears(x, [spec])[0]
+    ref = m(x)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    params = [x, m.lora_A, m.lora_B]
+    for a, b in zip(_grads(got.sum(), params), _grads(ref.sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not flex_available(), reason="no FlexAttention in this torch")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_document_mask_matches_reference():
+    torch.manual_seed(0)
+    n, h, hk, d = 40, 4, 2, 16
+    q, k, v = torch.randn(n, h, d), torch.randn(n, hk, d), torch.randn(n, hk, d)
+    cu = torch.tensor([0, 13, 30, 40], dtype=torch.int32)
+    for window, softcap in [(None, None), (5, None), (None, 2.0), (6, 3.0)]:
+        got = varlen_attention(q, k, v, cu, 17, 0.3, window, softcap, backend="flex")
+        ref = varlen_attention_reference(q, k, v, cu, 0.3, window, softcap)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_choice_and_switch():
+    x = torch.randn(4, 2, 8)
+    assert pick_backend(x, None, None) == "sdpa"
+    assert not use_triton_for(x)
+    assert kernels_enabled()
+    try:
+        set_kernels_enabled(False)
+        assert not use_triton_for(x) and not kernels_enabled()
+    finally:
+        set_kernels_enabled(True)
