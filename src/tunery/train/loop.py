@@ -440,6 +440,10 @@ def train(config: str | Path | dict[str, Any] | Config, overrides: list[str] | N
     """Train from a YAML path, a dict or a Config; returns the run directory."""
     cfg_dir = Path(config).resolve().parent if isinstance(config, (str, Path)) else None
     cfg = load_config(config, overrides)
+    if cfg.rl == "grpo":  # online RL has its own recipe (rollouts, rewards), built from this Trainer's pieces
+        from .grpo_loop import GRPOTrainer
+
+        return GRPOTrainer(cfg, cfg_dir).run()
     return Trainer(cfg, cfg_dir).run()
 
 
