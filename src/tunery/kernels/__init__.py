@@ -27,8 +27,7 @@ def kernels_enabled() -> bool:
     return _ENABLED
 
 
-def triton_available() -> bool:
-    """Triton runs on a CUDA GPU, or on CPU under TRITON_INTERPRET=1 (tests)."""
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:
@@ -36,8 +35,19 @@ def triton_available() -> bool:
     return True
 
 
+_TRITON = _probe_triton()
+
+
+def triton_available() -> bool:
+    """Triton runs on a CUDA GPU, or on CPU under TRITON_INTERPRET=1 (tests)."""
+    return _TRITON
+
+
 def interpret_on_cpu() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("TUNERY_TRITON_ON_CPU") == "1"
+
+
+_INTERPRET_CPU = interpret_on_cpu()  # triton decides interpret-or-compile when a kernel is defined (import)
 
 
 def use_triton_for(x: torch.Tensor, enabled: bool | None = True) -> bool:
@@ -45,11 +55,11 @@ def use_triton_for(x: torch.Tensor, enabled: bool | None = True) -> bool:
 
     `enabled=None` means "auto" (same as True); False always gives the reference.
     """
-    if enabled is False or not _ENABLED or not triton_available():
+    if enabled is False or not _ENABLED or not _TRITON:
         return False
     if x.is_cuda:
         return True
-    return x.device.type == "cpu" and interpret_on_cpu()
+    return _INTERPRET_CPU and x.device.type == "cpu"
 
 
 def num_programs(x: torch.Tensor, per_sm: int = 4) -> int:

@@ -163,5 +163,10 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, kind: str, fused: bool | Non
     if kind not in KINDS:
         raise ValueError(f"unsupported activation {kind!r} (supported: silu, gelu_tanh, gelu)")
     if use_triton_for(gate, fused) and gate.shape == up.shape:
-        return GatedActFunction.apply(gate, up, kind)
+        return _gated_act_fused(gate, up, kind)
     return gated_act_reference(gate, up, kind)
+
+
+@torch.compiler.disable
+def _gated_act_fused(gate, up, kind):
+    return GatedActFunction.apply(gate, up, kind)

@@ -135,6 +135,7 @@ def _flex(cuda: bool):
     return _flex_fns[cuda]
 
 
+@torch.compiler.disable
 def document_block_mask(cu_seqlens: torch.Tensor, n: int, window: int | None, device):
     """Block mask: same document, causal, and (when set) q - k < window. Cached per cu_seqlens tensor."""
     from torch.nn.attention.flex_attention import create_block_mask

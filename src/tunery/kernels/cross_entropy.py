@@ -265,6 +265,7 @@ def _use_fused(hidden: torch.Tensor, fused: bool | None) -> tuple[bool, bool]:
     return (tri or fused is True), tri
 
 
+@torch.compiler.disable
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, softcap=None, z_loss=0.0,
                          fused: bool | None = None, chunk_size: int | None = None):
     """Summed loss over the tokens whose label != ignore_index. hidden [N, H], labels [N] already shifted.
@@ -281,6 +282,7 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, softcap=None
     return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, softcap, z_loss, chunk_size or 4096)
 
 
+@torch.compiler.disable
 def token_logprobs(hidden, weight, labels, ignore_index=-100, softcap=None, fused: bool | None = None,
                    chunk_size: int | None = None):
     """Per-token log p(label) [N] (0 where ignored); same `fused` rule as linear_cross_entropy."""

@@ -173,5 +173,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
              fused: bool | None = None) -> torch.Tensor:
     """fused=None: the Triton kernel for CUDA tensors, the reference elsewhere; False: always the reference."""
     if use_triton_for(x, fused):
-        return RMSNormFunction.apply(x, weight, eps, float(offset), True)
+        return _rms_norm_fused(x, weight, eps, float(offset))
     return rms_norm_reference(x, weight, eps, offset)
+
+
+@torch.compiler.disable
+def _rms_norm_fused(x, weight, eps, offset):
+    return RMSNormFunction.apply(x, weight, eps, offset, True)

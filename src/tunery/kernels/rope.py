@@ -153,5 +153,10 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     fused=None: the Triton kernel for CUDA tensors, the reference elsewhere.
     """
     if use_triton_for(q, fused):
-        return RoPEFunction.apply(q, k, cos, sin)
+        return _apply_rope_fused(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)
+
+
+@torch.compiler.disable
+def _apply_rope_fused(q, k, cos, sin):
+    return RoPEFunction.apply(q, k, cos, sin)
