@@ -19,13 +19,13 @@ import torch.nn as nn
 import yaml
 
 from ..config import Config, load_config
+from . import dcp as dist_ckpt
 from . import distributed as dist_util
-from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .checkpoint import list_checkpoints, prune_checkpoints, resolve_resume, save_checkpoint
 from .manifest import build_manifest, write_json_atomic
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
 from .schedule import build_scheduler, warmup_steps_for
-
 
 _STEP_DELAY = float(os.environ.get("TUNERY_DEBUG_STEP_DELAY", "0") or 0)
 
@@ -113,7 +113,8 @@ class Trainer:
         from ..data import prepare_data
         from ..data.collate import COLLATE
 
-        self.data = prepare_data(self.cfg, self.tokenizer, cfg_dir=self.cfg_dir)
+        with dist_util.local_main_first():  # rank 0 tokenizes and caches; the others then read the cache
+            self.data = prepare_data(self.cfg, self.tokenizer, cfg_dir=self.cfg_dir)
         if not self.data.train:
             raise ValueError("the training data is empty after preprocessing (all rows dropped or skipped?)")
         from ..methods import build_method
@@ -231,7 +232,7 @@ class Trainer:
         start_step, tokens_seen, elapsed_before = 0, 0, 0.0
         ckpt = resolve_resume(cfg.resume_from_checkpoint, self.run_dir)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, self.model, optimizer, scheduler)
+            state = dist_ckpt.load(ckpt, self.model, optimizer, scheduler)  # either layout, any world size
             start_step, tokens_seen = state["step"], state.get("tokens_seen", 0)
             elapsed_before = state.get("elapsed_s", 0.0)
             if self.main:
@@ -263,11 +264,12 @@ class Trainer:
                 loss_total = 0.0
                 sums: dict[str, float] = {}
                 n_tokens = 0
-                for b in batches:
+                for i, b in enumerate(batches):
                     b = self._to_device(b)
-                    with self._autocast():
-                        loss, metrics = self.method.loss(model, b, normalizer)
-                    loss.backward()
+                    with dist_util.sync_gradients(model, i == len(batches) - 1):
+                        with self._autocast():
+                            loss, metrics = self.method.loss(model, b, normalizer)
+                        loss.backward()
                     loss_total += float(loss.detach())
                     n_tokens += int(b["input_ids"].numel())
                     weight = self.method.count(b) / max(normalizer, 1)
@@ -297,6 +299,7 @@ class Trainer:
                     ev = self.evaluate()
                     if ev:
                         logger.log({"step": step, **ev})
+                self.stop_flag = dist_util.any_rank(self.stop_flag)  # all ranks stop at the same step
                 if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or self.stop_flag:
                     self.checkpoint(step, optimizer, scheduler, tokens_seen, elapsed_before + time.perf_counter() - t_run)
                 if self.main:
@@ -309,8 +312,9 @@ class Trainer:
             ev = self.evaluate()
             if ev:
                 logger.log({"step": step, **ev})
-            if self.main:
-                self.write_final()
+            with dist_ckpt.consolidated(self.model, trainable_only=bool(cfg.adapter)) as writer:
+                if writer:
+                    self.write_final()
         except StopRequested:
             status = "stopped"
             if self.main:
@@ -328,13 +332,18 @@ class Trainer:
         return self.run_dir
 
     def checkpoint(self, step, optimizer, scheduler, tokens_seen, elapsed) -> None:
-        if not self.main:
-            return
         state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "world_size": self.world,
                  "seed": self.cfg.seed}
-        save_checkpoint(self.run_dir / "checkpoints" / f"step-{step}", self.model, optimizer, scheduler, state,
-                        write_weights=self._write_weights_into)
-        prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
+        path = self.run_dir / "checkpoints" / f"step-{step}"
+        if dist_ckpt.is_sharded(self.model):  # FSDP: every rank writes its shards
+            dist_ckpt.save(path, self.model, optimizer, scheduler, state,
+                           write_weights=self._write_weights_into if self.cfg.adapter else None,
+                           sharded=dist_ckpt.sharded_state_dicts(self.cfg))
+        elif self.main:
+            save_checkpoint(path, self.model, optimizer, scheduler, state, write_weights=self._write_weights_into)
+        if self.main:
+            prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
+        dist_util.barrier()
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT finish the current step, write a checkpoint and exit (Studio's Stop button)."""
@@ -352,12 +361,7 @@ class Trainer:
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=False))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=False))
+    return dist_util.clip_grad_norm(params, max_norm)  # FSDP's DTensor gradients included
 
 
 def _reduce_scalar(x: float, device: torch.device) -> float:
