@@ -159,17 +159,24 @@ def document_block_mask(cu_seqlens: torch.Tensor, n: int, window: int | None, de
     return mask
 
 
+_softcap_mods: dict = {}
+
+
+def _softcap_mod(cap: float):
+    """One score_mod function per cap value, so compiled flex sees the same function every call."""
+    if cap not in _softcap_mods:
+        def score_mod(score, b, h, qi, ki):
+            return torch.tanh(score / cap) * cap
+
+        _softcap_mods[cap] = score_mod
+    return _softcap_mods[cap]
+
+
 def flex_varlen(q, k, v, cu_seqlens, scale: float, window: int | None = None,
                 softcap: float | None = None) -> torch.Tensor:
     n = q.shape[0]
     mask = document_block_mask(cu_seqlens, n, window, q.device)
-    score_mod = None
-    if softcap is not None:
-        cap = float(softcap)
-
-        def score_mod(score, b, h, qi, ki):
-            return torch.tanh(score / cap) * cap
-
+    score_mod = _softcap_mod(float(softcap)) if softcap is not None else None
     qq, kk, vv = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out = _flex(q.is_cuda)(qq, kk, vv, score_mod=score_mod, block_mask=mask, scale=scale,
                   enable_gqa=q.shape[1] != k.shape[1])

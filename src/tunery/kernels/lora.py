@@ -68,11 +68,14 @@ def _lora_in(xn: torch.Tensor, ts, idx: list[int], meta: _Meta) -> torch.Tensor 
     lora = [i for i in idx if ts[4 * i + 2] is not None]
     if not lora:
         return None
-    a = torch.cat([ts[4 * i + 2].to(xn.dtype) for i in lora])
+    a = torch.cat([ts[4 * i + 2].to(xn.dtype) for i in lora]) if len(lora) > 1 else ts[4 * lora[0] + 2].to(xn.dtype)
     xa = xn @ a.t()
-    scale = torch.cat([torch.full((ts[4 * i + 2].shape[0],), meta.scales[i], dtype=xn.dtype, device=xn.device)
-                       for i in lora])
-    return xa.mul_(scale)
+    scales = [meta.scales[i] for i in lora]
+    if all(s == scales[0] for s in scales):
+        return xa.mul_(scales[0])
+    col = torch.cat([torch.full((ts[4 * i + 2].shape[0],), meta.scales[i], dtype=xn.dtype, device=xn.device)
+                     for i in lora])
+    return xa.mul_(col)
 
 
 def _slices(ts, idx: list[int]) -> dict[int, slice]:

@@ -87,7 +87,8 @@ def decoder_config(hf: Any) -> DecoderConfig:
         kw["sliding_window"] = _get(hf, "sliding_window")
         lt = _get(hf, "layer_types")
         if lt is None:
-            pattern = _get(hf, "sliding_window_pattern", 2)
+            # transformers' defaults: Gemma 2 alternates (sliding first), Gemma 3 has 5 sliding then 1 full
+            pattern = _get(hf, "sliding_window_pattern", 6 if family == "gemma3" else 2)
             lt = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(kw["num_layers"])]
         kw["layer_types"] = list(lt)
     if family == "gemma3":
