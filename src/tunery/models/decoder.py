@@ -231,14 +231,25 @@ class MLP(nn.Module):
         self.act = cfg.hidden_act
         self.fused = True
         self.recompute = False  # fused path: recompute gate/up in backward instead of keeping them
+        self.chunk_fn = None  # train/activations.py: chunk_fn(dense, x) runs dense over token chunks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunk_fn is not None:
+            return self.chunk_fn(self._dense, x)
+        return self._dense(x)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and use_triton_for(x):
+            specs = [linear_spec(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+            if all(s is not None for s in specs):
+                return fused_mlp(x, *specs, kind=self.act, recompute=self.recompute)
         return self.down_proj(gated_act(self.gate_proj(x), self.up_proj(x), self.act,
                                         fused=None if self.fused else False))
 
     def forward_fused(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """norm folded into the fused MLP (its input is recomputed in backward, never kept)."""
         specs = [linear_spec(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        if any(s is None for s in specs):
+        if self.chunk_fn is not None or "forward" in self.__dict__ or any(s is None for s in specs):
             return self(norm(x))
         return fused_mlp(x, *specs, kind=self.act, norm_weight=norm.weight, eps=norm.eps, offset=norm.offset,
                          recompute=self.recompute)
