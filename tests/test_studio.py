@@ -39,6 +39,7 @@ FAKE_CLI = textwrap.dedent('''
         step = 0
         if over.get("resume_from_checkpoint") == "auto":
             step = max(int(p.name[5:]) for p in (run / "checkpoints").iterdir())
+        time.sleep(float(os.environ.get("FAKE_LOAD_S", "0")))  # loading the model: SIGTERM kills
         stop = []
         signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
         (run / "manifest.json").write_text(json.dumps({"created": "2026-01-01T00:00:00+00:00", "total_steps": total}))
@@ -391,6 +392,19 @@ def test_launch_stop_restart_resume_export(runs_dir, fake_cli, monkeypatch):
         assert c.post(f"/api/runs/{run_id}/export", json={"kind": "gguf", "quant": "q2_k"}, headers=H).status_code == 400
         assert c.post(f"/api/runs/{run_id}/export", json={"kind": "zip"}, headers=H).status_code == 400
         assert [x["name"] for x in run_view(c, run_id)["exports"]] == [Path(merged).name, "my-run-q8_0.gguf"]
+
+
+def test_stop_while_loading(runs_dir, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_LOAD_S", "30")
+    with client(make_settings(runs_dir, fake_cli)) as c:
+        data = upload_data(c)
+        run_id = c.post("/api/runs", json={"name": "s", "config": sft_config(data)}, headers=H).json()["id"]
+        assert run_view(c, run_id)["state"] == "starting"
+        assert c.post(f"/api/runs/{run_id}/stop", headers=H).status_code == 200
+        assert run_view(c, run_id)["state"] in ("stopping", "stopped")
+        wait_for(lambda: run_view(c, run_id)["state"] == "stopped", timeout=10)
+        r = c.post(f"/api/runs/{run_id}/resume", headers=H)
+        assert r.status_code == 409 and "no checkpoint" in r.json()["detail"]
 
 
 def test_a_launch_that_crashes_shows_failed(runs_dir, fake_cli, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +45,27 @@ def wait_state(page, want: set[str], timeout_s: float) -> str:
     raise AssertionError(f"the run is {state(page)!r}, not {want} (log: {page.text_content('#log')!r})")
 
 
+class Phases:
+    """Seconds spent in each part of the flow, written beside the screenshots."""
+
+    def __init__(self):
+        self.t = time.time()
+        self.rows: list[tuple[str, float]] = []
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.rows.append((name, now - self.t))
+        self.t = now
+
+    def write(self, folder) -> None:
+        text = "".join(f"{n:<28}{s:7.1f} s\n" for n, s in self.rows) + f"{'total':<28}{sum(s for _, s in self.rows):7.1f} s\n"
+        folder.mkdir(exist_ok=True)
+        (folder / "timings.txt").write_text(text)
+        print("\n" + text)
+
+
 def test_new_run_watch_stop_chat_export(studio, browser, e2e_data, shot):
+    phase = Phases()
     ctx = browser.new_context(viewport=LAPTOP, accept_downloads=True)
     page = ctx.new_page()
     errors: list[str] = []
@@ -90,6 +111,7 @@ def test_new_run_watch_stop_chat_export(studio, browser, e2e_data, shot):
         trained = page.text_content(".example .trained")
         assert trained.strip()
     shot(page, "02-new-run-laptop")
+    phase("form, validation, preview")
 
     # --- launch: the run page shows it live
     page.click("#launch")
@@ -99,6 +121,7 @@ def test_new_run_watch_stop_chat_export(studio, browser, e2e_data, shot):
     n1 = wait_points(page, "loss", 0, 150)
     wait_state(page, {"running"}, 10)
     assert page.text_content('[data-stat="step"]').endswith("/ 20")
+    phase("launch to first loss point")
 
     # --- the server restarts mid-run: the run keeps training and the page picks it up again
     studio.restart()
@@ -110,6 +133,7 @@ def test_new_run_watch_stop_chat_export(studio, browser, e2e_data, shot):
     page.wait_for_function("document.querySelector('#log').textContent.includes('train:')", timeout=20_000)
     assert points(page, "system") > 0
     shot(page, "03-run-live-laptop")
+    phase("server restart, more points")
 
     # --- stop: the trainer finishes its step, writes a checkpoint and exits
     page.click("#stop-btn")
@@ -119,6 +143,7 @@ def test_new_run_watch_stop_chat_export(studio, browser, e2e_data, shot):
     assert run["state"] == "stopped" and run["checkpoints"], run
     step = run["checkpoints"][-1]["step"]
     shot(page, "04-run-stopped-laptop")
+    phase("stop")
 
     # --- the runs list shows it, with its last loss
     page.click(".mainnav a[data-nav=runs]")
@@ -142,6 +167,7 @@ def test_new_run_watch_stop_chat_export(studio, browser, e2e_data, shot):
     assert len(reply.strip()) > 2, reply
     assert re.search(r"\d+ tokens", page.text_content(".msg.assistant .info"))
     shot(page, "06-chat-laptop")
+    phase("runs list, chat")
 
     # --- export the checkpoint (GGUF when this build has it, else a merged HF folder), then download it
     page.goto(f"{studio.url}/#/run/{run_id}")
@@ -159,6 +185,7 @@ def test_new_run_watch_stop_chat_export(studio, browser, e2e_data, shot):
     body = resp.body()
     assert body[:4] == b"GGUF" if kind == "gguf" else body[:2] == b"PK"
     shot(page, "07-export-laptop")
+    phase(f"export ({kind})")
 
     # --- the same pages at phone width
     phone = browser.new_context(viewport=PHONE, device_scale_factor=1)
@@ -174,4 +201,6 @@ def test_new_run_watch_stop_chat_export(studio, browser, e2e_data, shot):
         shot(pp, f"08-{name}-phone")
     phone.close()
     ctx.close()
+    phase("phone screenshots")
+    phase.write(Path(__file__).resolve().parent / "screenshots")
     assert not errors, errors

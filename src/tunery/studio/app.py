@@ -340,7 +340,8 @@ def create_app(settings: StudioSettings) -> FastAPI:
         """Candidate datasets (kind=data) or models (kind=model) inside the allowed roots."""
         if kind not in ("data", "model"):
             raise HTTPException(400, "kind is data or model")
-        roots = [settings.uploads_dir, *settings.data_roots] if kind == "data" else list(settings.model_roots)
+        # Models: the extra roots, and merged exports of earlier runs.
+        roots = [settings.uploads_dir, *settings.data_roots] if kind == "data" else [*settings.model_roots, settings.runs_dir]
         return {"files": await asyncio.to_thread(_candidates, roots, kind)}
 
     @app.post("/api/runs")
@@ -625,18 +626,19 @@ def _candidates(roots: list[Path], kind: str, limit: int = 200) -> list[dict[str
             continue
         for dirpath, dirnames, filenames in os.walk(root):
             depth = len(Path(dirpath).relative_to(root).parts)
-            dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")] if depth < 3 else []
+            skip = {"uploads", "checkpoints"} if kind == "model" else set()
+            dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and d not in skip] if depth < 3 else []
             here = Path(dirpath)
             if kind == "model" and "config.json" in filenames:
-                out.append({"path": str(here), "name": here.name, "kind": "folder"})
+                out.append({"path": str(here), "name": here.relative_to(root).as_posix(), "kind": "folder"})
             for fn in sorted(filenames):
                 p = here / fn
                 if fn.startswith("."):
                     continue
                 if kind == "data" and p.suffix.lower() in UPLOAD_EXTS:
-                    out.append({"path": str(p), "name": fn, "size": p.stat().st_size})
+                    out.append({"path": str(p), "name": p.relative_to(root).as_posix(), "size": p.stat().st_size})
                 elif kind == "model" and p.suffix.lower() == ".gguf":
-                    out.append({"path": str(p), "name": fn, "kind": "gguf"})
+                    out.append({"path": str(p), "name": p.relative_to(root).as_posix(), "kind": "gguf"})
                 if len(out) >= limit:
                     return out
     return out

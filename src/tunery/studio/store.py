@@ -157,15 +157,13 @@ class RunStore:
         train = next((j for j in jobs if j["kind"] == "train"), None)
         state = effective_state(summ, train)
         started = summ.get("started") or (train["started"] if train else None) or row["created"]
-        live = state in ("starting", "running", "stopping")
-        if summ.get("elapsed_s") is not None and not (live and state == "starting"):
-            duration = summ["elapsed_s"]
-        elif live:
+        duration = summ.get("elapsed_s")  # training time, as the trainer logged it
+        if state == "starting" and train and duration is None:
+            duration = time.time() - train["started"]
+        elif state in ("running", "stopping") and duration is not None and summ.get("status_mtime"):
+            duration += max(0.0, time.time() - summ["status_mtime"])  # time into the current step
+        elif state in ("running", "stopping") and duration is None:
             duration = time.time() - started
-        else:
-            duration = None
-        if live and summ.get("elapsed_s") is not None and summ.get("status_mtime"):
-            duration = summ["elapsed_s"] + max(0.0, time.time() - summ["status_mtime"])
         return {
             "id": row["id"], "name": row["name"], "path": row["path"], "source": row["source"],
             "created": row["created"], "state": state, "step": summ.get("step"),
@@ -236,8 +234,8 @@ def effective_state(summ: dict[str, Any], train: dict[str, Any] | None) -> str:
     if train and train["state"] != "running":
         fresh = mtime is not None and mtime >= train["started"] - 1
         if not fresh:
-            # The last launch never wrote a status (failed while loading the model or the data).
-            return "failed"
+            # The last launch never wrote a status: stopped, or failed, while loading the model or the data.
+            return "stopped" if train["stop_requested"] else "failed"
         if fs == "running" and train.get("finished") and mtime <= train["finished"] + 5:
             return "failed"  # killed without writing its final status
     if fs == "running":

@@ -169,7 +169,7 @@ const FORMATS = {
   prm: { label: "prm (step labels)", fields: [] },
   prompts: { label: "prompts (GRPO)", fields: [["field_prompt", "Prompt field", "prompt"]] },
 };
-const METHODS = [["sft", "SFT (supervised)"], ["dpo", "DPO"], ["kto", "KTO"], ["orpo", "ORPO"], ["simpo", "SimPO"], ["rm", "Reward model"], ["prm", "Process reward model"], ["grpo", "GRPO"]];
+const METHODS = [["sft", "SFT"], ["dpo", "DPO"], ["kto", "KTO"], ["orpo", "ORPO"], ["simpo", "SimPO"], ["rm", "Reward model"], ["prm", "Process reward model"], ["grpo", "GRPO"]];
 const METHOD_FORMAT = { sft: "alpaca", dpo: "preference", orpo: "preference", simpo: "preference", rm: "preference", kto: "kto", prm: "prm", grpo: "prompts" };
 
 function field(label, input, hint) {
@@ -465,7 +465,7 @@ function makeChart(title, series, opts = {}) {
           : { stroke: "#667085", grid: { stroke: "#eef0f3" }, ticks: { stroke: "#eef0f3" }, size: 34, incrs: STEP_INCRS },
         { stroke: "#667085", grid: { stroke: "#eef0f3" }, ticks: { stroke: "#eef0f3" }, values: (u, vals) => vals.map(v => opts.fmtY ? opts.fmtY(v) : fmt.num(v, 3)),
           // Wide enough for the longest tick label (about 7 px a character at this size).
-          size: (u, values) => 18 + 7 * Math.max(3, ...(values || []).map(v => String(v).length)) },
+          size: (u, values) => 22 + 7.5 * Math.max(3, ...(values || []).map(v => String(v).length)) },
       ],
       series: [{ label: opts.xLabel || "step" }, ...series.map((s, i) => ({
         label: s.label, stroke: s.color || COLORS[i], width: 2, spanGaps: true,
@@ -508,7 +508,7 @@ async function pageRun(view, id) {
   const losses = makeChart("Loss", [{ label: "train" }, { label: "eval", color: "#e8590c", points: true }], { id: "loss" });
   const lr = makeChart("Learning rate", [{ label: "lr", color: "#0ca678" }], { id: "lr", fmtY: v => v.toExponential(2) });
   const gn = makeChart("Grad norm", [{ label: "grad norm", color: "#d6336c" }], { id: "grad_norm" });
-  const tps = makeChart("Tokens / s", [{ label: "tokens/s", color: "#1c7ed6" }], { id: "tokens_per_s", fmtY: v => Math.round(v).toLocaleString() });
+  const tps = makeChart("Tokens / s", [{ label: "tokens/s", color: "#1c7ed6" }], { id: "tokens_per_s", fmtY: v => v >= 1000 ? Math.round(v).toLocaleString() : fmt.num(v, 1) });
   const sysChart = makeChart("Machine", [{ label: "CPU %" }, { label: "RAM %", color: "#0ca678" }], { id: "system", time: true, xLabel: "time", yRange: [0, 100], fmtY: v => `${Math.round(v)}%`, empty: "collecting…" });
   const sysTitle = sysChart.card.querySelector("h3");
 
@@ -712,7 +712,7 @@ async function pageChat(view, runId, query) {
     repetition_penalty: num("repetition_penalty", 1.1, { min: 0.5, max: 3, step: 0.05 }),
   };
   const messagesBox = h("div", { class: "messages", id: "messages" });
-  const input = h("textarea", { id: "chat-input", rows: 1, placeholder: "Message… (Enter to send, Shift+Enter for a new line)" });
+  const input = h("textarea", { id: "chat-input", rows: 1, placeholder: "Message… (Enter sends)", title: "Enter sends, Shift+Enter starts a new line" });
   const send = h("button", { class: "btn primary", id: "chat-send" }, "Send");
   const stopGen = h("button", { class: "btn hidden", id: "chat-stop" }, "Stop");
   let history = [];
@@ -743,7 +743,7 @@ async function pageChat(view, runId, query) {
   view.append(
     h("div", { class: "pagehead" }, h("div", { class: "grow" }, h("h1", {}, "Chat"), h("div", { class: "meta" }, "Talk to a finished run or any of its checkpoints.")),
       h("button", { class: "btn", onclick: reset, id: "chat-new" }, "New conversation")),
-    !t.available ? h("div", { class: "notice warn", style: { marginBottom: "16px" } }, "Chat is not available in this build (tunery.inference is missing).") : null,
+    ...(t.available ? [] : [h("div", { class: "notice warn", style: { marginBottom: "16px" } }, "Chat is not available in this build (tunery.inference is missing).")]),
     h("div", { class: "chat" },
       h("div", { class: "card stack" },
         field("Run", runSel), field("Weights", targetSel),
