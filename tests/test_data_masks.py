@@ -232,3 +232,65 @@ def test_never_doubled_bos(tmp_path, smol_path):
     assert row["input_ids"].count(bos) == 1 and row["input_ids"][0] == bos
     assert row["input_ids"].count(tok.eos_token_id) == 1 and row["input_ids"][-1] == tok.eos_token_id
     assert row["labels"][-1] == tok.eos_token_id
+
+
+def test_mask_matches_transformers_generation_tags(tmp_path, smol_path):
+    """An independent oracle: transformers' assistant mask from {% generation %} tags in the template."""
+    tok = AutoTokenizer.from_pretrained(str(smol_path))
+    tok.chat_template = (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+        "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    convs = [CONV, CONV[:2], [{"role": "system", "content": "Sys"}] + CONV,
+             [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  spaced  \n"},
+              {"role": "user", "content": "y"}, {"role": "assistant", "content": "é😀 unicode ✓"}]]
+    data = run(tmp_path, tok, [{"messages": c} for c in convs])
+    for conv, row in zip(convs, data.train):
+        ref = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert row["input_ids"] == list(ref["input_ids"])
+        assert [int(lab != IGNORE) for lab in row["labels"]] == list(ref["assistant_masks"])
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "gemma", "mistral", "phi3", "smollm2", "inspecting"])
+def test_last_turn_shortcut_agrees_with_general_path(smol, name):
+    """The last answer's span found from a per-shape skeleton equals the one from re-rendering."""
+    from tunery.data.templates import BUILTIN, ChatRenderer
+    from tunery.data.tokenize import TokenizerInfo
+
+    info = TokenizerInfo(smol)
+    text = {"smollm2": smol.chat_template,
+            "inspecting": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}"
+                          "{% if m['content'].endswith('?') %}{{ ' (question)' }}{% endif %}{{ '<|im_end|>\n' }}"
+                          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+            }.get(name) or BUILTIN[name]
+    fast = ChatRenderer(text, info.template_kwargs, info.specials)
+    slow = ChatRenderer(text, info.template_kwargs, info.specials)
+    slow._anchored = lambda messages, full: None
+    answers = ["It is 4.", "  padded  \n", "Why?", "assistant", "<|im_end|>", "\x00TUNERY1\x00", "x\n\n", "4 <|im_end|> 5"]
+    for answer in answers:
+        for conv in (CONV[:1], CONV[:3], [{"role": "system", "content": "S"}] + CONV[:1]):
+            msgs = [dict(m) for m in conv] + [{"role": "assistant", "content": answer}]
+            train = [m["role"] == "assistant" for m in msgs]
+            for eos in ("turn", "none"):
+                assert fast.conversation(msgs, train, eos) == slow.conversation(msgs, train, eos), (answer, eos)
+
+
+def test_gsm8k_sample_ids_equal_apply_chat_template(tmp_path, smol):
+    """The real quickstart data: every row tokenizes exactly as apply_chat_template does (batched, with the
+    shared system prompt tokenized once), and only the answer plus <|im_end|> is trained."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "examples" / "data" / "gsm8k_sample.jsonl"
+    rows = [json.loads(line) for line in sample.read_text().splitlines()][:200]
+    cfg = load_config({"datasets": [{"path": str(sample), "type": "alpaca", "field_instruction": "question",
+                                     "field_output": "answer"}], "shuffle_merged_datasets": False,
+                       "dataset_prepared_path": str(tmp_path / "prep")})
+    data = prepare_data(cfg, smol)
+    assert len(data.train) == 500
+    for r, row in zip(rows, data.train):
+        conv = [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+        assert row["input_ids"] == chat_ids(smol, conv)
+        assert _runs(smol, row) == [r["answer"] + "<|im_end|>"]

@@ -12,10 +12,11 @@ import json
 import os
 import shutil
 import uuid
-from array import array
-from itertools import accumulate
+from itertools import accumulate, chain
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .types import PreparedData
 
@@ -46,10 +47,8 @@ def _write_split(folder: Path, name: str, rows: list[dict[str, Any]]) -> dict[st
     for k in keys:
         values = [r.get(k) for r in rows]
         if _is_int_lists(values):
-            flat = array("i")
-            for v in values:
-                flat.extend(v)
-            lens = array("q", map(len, values))
+            lens = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+            flat = np.fromiter(chain.from_iterable(values), dtype=np.int32, count=int(lens.sum()))
             (folder / f"{name}.{k}.bin").write_bytes(flat.tobytes())
             (folder / f"{name}.{k}.len").write_bytes(lens.tobytes())
             columns[k] = {"ints": True}
@@ -64,11 +63,10 @@ def _read_split(folder: Path, name: str, meta: dict[str, Any]) -> list[dict[str,
     for k in meta["keys"]:
         col = meta["columns"][k]
         if col["ints"]:
-            flat = array("i")
-            flat.frombytes((folder / f"{name}.{k}.bin").read_bytes())
-            lens = array("q")
-            lens.frombytes((folder / f"{name}.{k}.len").read_bytes())
-            values = flat.tolist()
+            values = np.frombuffer((folder / f"{name}.{k}.bin").read_bytes(), dtype=np.int32).tolist()
+            lens = np.frombuffer((folder / f"{name}.{k}.len").read_bytes(), dtype=np.int64).tolist()
+            if sum(lens) != len(values):
+                raise ValueError(f"{name}.{k}: lengths do not add up")
             start = 0
             for r, end in zip(rows, accumulate(lens)):
                 r[k] = values[start:end]

@@ -47,6 +47,7 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
 def pack_rows(docs: list[dict[str, Any]], capacity: int) -> list[dict[str, Any]]:
     """Concatenate documents into packed rows; position_ids restart at 0 at each document."""
     bins = pack_bins([len(d["input_ids"]) for d in docs], capacity)
+    positions = list(range(capacity))  # sliced, so no int objects are made per token
     rows = []
     for b in bins:
         ids: list[int] = []
@@ -56,14 +57,16 @@ def pack_rows(docs: list[dict[str, Any]], capacity: int) -> list[dict[str, Any]]
             d = docs[i]
             ids += d["input_ids"]
             labels += d["labels"]
-            pos += range(len(d["input_ids"]))
+            pos += positions[: len(d["input_ids"])]
         rows.append({"input_ids": ids, "labels": labels, "position_ids": pos})
     return rows
 
 
 def single_rows(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    longest = max((len(d["input_ids"]) for d in docs), default=0)
+    positions = list(range(longest))
     for d in docs:
-        d["position_ids"] = list(range(len(d["input_ids"])))
+        d["position_ids"] = positions[: len(d["input_ids"])]
     return docs
 
 

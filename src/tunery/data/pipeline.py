@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import random
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,7 @@ def prepare_data(cfg: Any, tokenizer: Any, *, for_eval_only: bool = False, cfg_d
             files[s.label] = hub_hash(s)
     fp = _fingerprint(cfg, info, train_entries, train_src, test_entries, test_src, for_eval_only)
     root = _cache_root(cfg, base)
+    wait_for_cache_writes()
     if use_cache:
         hit = cache_mod.load(root, fp)
         if hit is not None:
@@ -141,14 +144,39 @@ def prepare_data(cfg: Any, tokenizer: Any, *, for_eval_only: bool = False, cfg_d
         stats["eval"] = _stats(ec, ev, kind, packed, cfg.sequence_len)
     stats.update(kind=kind, sequence_len=cfg.sequence_len, sample_packing=packed)
     data = PreparedData(train=train, eval=ev, stats=stats, fingerprint=fp, files=files, kind=kind)
-    if use_cache:
-        try:
-            data.stats["cache_path"] = str(cache_mod.save(root, data))
-        except OSError as e:
-            data.stats["cache_path"] = f"not written ({e})"
     data.stats["cache"] = "built"
     data.stats["seconds"] = round(time.perf_counter() - t0, 3)
+    if use_cache:
+        data.stats["cache_path"] = str(root / fp)
+        _save_in_background(root, data)
     return data
+
+
+# The cache is written by a thread, so the caller goes on (loading the model, say) meanwhile. The write
+# is atomic; a later prepare_data in this process waits for pending writes before it looks; the
+# interpreter waits for the thread before it exits.
+_PENDING: list[threading.Thread] = []
+
+
+def wait_for_cache_writes() -> None:
+    while _PENDING:
+        _PENDING.pop().join()
+
+
+def _save_in_background(root: Path, data: PreparedData) -> None:
+    snapshot = PreparedData(train=list(data.train), eval=None if data.eval is None else list(data.eval),
+                            stats=dict(data.stats), fingerprint=data.fingerprint, files=dict(data.files),
+                            kind=data.kind)
+
+    def write() -> None:
+        try:
+            cache_mod.save(root, snapshot)
+        except OSError as e:
+            warnings.warn(f"tunery: could not write the data cache under {root}: {e}", stacklevel=1)
+
+    thread = threading.Thread(target=write, name="tunery-data-cache", daemon=False)
+    thread.start()
+    _PENDING.append(thread)
 
 
 # --------------------------------------------------------------------------------------------- pieces

@@ -102,6 +102,7 @@ class ChatRenderer:
         self.kwargs = tokenizer_kwargs
         self.specials = specials
         self.source = source
+        self._skeletons: dict[tuple, tuple[str, str] | None] = {}
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         try:
@@ -152,6 +153,10 @@ class ChatRenderer:
             upto = self.render(messages[: k + 1])
             bound = len(upto) if full.startswith(upto) else _lcp(upto, full)
         content = messages[k].get("content")
+        if last and messages[k].get("role") == "assistant" and isinstance(content, str) and content:
+            start = self._anchored(messages, full)
+            if start is not None:
+                return start, start + len(content), bound
         head = None
         if messages[k].get("role") == "assistant":
             gen = self.render(messages[:k], add_generation_prompt=True)
@@ -187,6 +192,48 @@ class ChatRenderer:
         start = head if head is not None else bound
         m = self.specials.search(full, start, bound)
         return start, (m.start() if m else bound), bound
+
+    # -- the last turn without a second rendering --------------------------------------------------------
+    def _anchored(self, messages: list[dict[str, Any]], full: str) -> int | None:
+        """Start of the last message's content, when `full` ends exactly as this conversation shape's
+        skeleton does (the template's text around the content, learnt once per shape by rendering
+        placeholders) with the content literally in place. None sends the caller to the general path."""
+        shape = tuple((m.get("role"), tuple(sorted(k for k in m if k != "content"))) for m in messages)
+        if shape not in self._skeletons:
+            if len(self._skeletons) > 512:
+                self._skeletons.clear()
+            self._skeletons[shape] = self._skeleton(messages)
+        sk = self._skeletons[shape]
+        if sk is None:
+            return None
+        header, trailer = sk
+        content = messages[-1]["content"]
+        end = len(full) - len(trailer)
+        start = end - len(content)
+        if (start - len(header) < 0 or not full.endswith(trailer) or not full.startswith(content, start)
+                or not full.startswith(header, start - len(header))):
+            return None
+        return start
+
+    def _skeleton(self, messages: list[dict[str, Any]]) -> tuple[str, str] | None:
+        marks = [f"\x00TUNERY{i}\x00" for i in range(len(messages))]
+        probe = [{**m, "content": marks[i]} for i, m in enumerate(messages)]
+        try:
+            full = self.render(probe)
+            gen = self.render(probe[:-1], add_generation_prompt=True)
+        except TemplateFailure:
+            return None
+        at = [full.find(x) for x in marks]
+        if any(full.count(x) != 1 for x in marks) or at != sorted(at):
+            return None  # the template drops, repeats or reorders contents
+        last = at[-1]
+        if gen != full[:last]:
+            return None  # the generation prompt is not what precedes the answer in the conversation
+        prev_end = at[-2] + len(marks[-2]) if len(marks) > 1 else 0
+        header, trailer = full[prev_end:last], full[last + len(marks[-1]):]
+        if "\x00TUNERY" in header or "\x00TUNERY" in trailer:
+            return None
+        return header, trailer
 
     def _eot_end(self, full: str, content_end: int, bound: int) -> int:
         """End of the turn's end-of-turn marker: the first special token after the content; without one,

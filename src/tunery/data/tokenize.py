@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from .templates import special_pattern
+from .templates import _lcp, special_pattern
 from .types import IGNORE
 
 
@@ -41,6 +41,12 @@ class TokenizerInfo:
                 specials.add(tok.content)
         self.special_strings = sorted(s for s in specials if s)
         self.specials = special_pattern(self.special_strings)
+        # Tokens after which a text cannot be cut and tokenized in two: they eat the following whitespace,
+        # or a longer added token starts with them.
+        added = {t.content: t for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+        self._unsafe_boundaries = {s for s in self.special_strings
+                                   if getattr(added.get(s), "rstrip", False) or getattr(added.get(s), "single_word", False)
+                                   or any(a != s and a.startswith(s) for a in added)}
         self.template_kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self._fingerprint: str | None = None
 
@@ -64,9 +70,34 @@ class TokenizerInfo:
         """Encodings with `ids`, `char_to_token(c)` and `token_to_chars(t)`."""
         if not texts:
             return []
-        if self.backend is not None:
-            return self.backend.encode_batch(texts, add_special_tokens=False)
-        return [_SlowEncoding(self.tokenizer, t) for t in texts]
+        if self.backend is None:
+            return [_SlowEncoding(self.tokenizer, t) for t in texts]
+        shared = self._shared_prefix(texts)
+        if shared:
+            head = self.backend.encode(texts[0][:shared], add_special_tokens=False)
+            rest = self.backend.encode_batch([t[shared:] for t in texts], add_special_tokens=False)
+            check = self.backend.encode(texts[-1], add_special_tokens=False).ids
+            if check == head.ids + rest[-1].ids:
+                return [_Joined(head, e, shared) for e in rest]
+        return self.backend.encode_batch(texts, add_special_tokens=False)
+
+    def _shared_prefix(self, texts: list[str]) -> int:
+        """Length of a prefix all texts share that ends just after a special token (tokenization splits
+        there, so the prefix is tokenized once: a chat template's system prompt, say); 0 if none."""
+        if len(texts) < 8:
+            return 0
+        first = texts[0]
+        n = len(first)
+        for t in texts[1:]:
+            n = _lcp(first[:n], t)
+            if n < 32:
+                return 0
+        last = None
+        for m in self.specials.finditer(first, 0, n):
+            last = m
+        if last is None or last.end() < 32 or last.group(0) in self._unsafe_boundaries:
+            return 0
+        return last.end()
 
     def encode_ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -101,6 +132,29 @@ class _SlowEncoding:
     def token_to_chars(self, t: int) -> tuple[int, int]:
         end = self._starts[t + 1] if t + 1 < len(self._starts) else self._n
         return self._starts[t], end
+
+
+class _Joined:
+    """Encoding of prefix + text from the two encodings (char and token positions shifted)."""
+
+    __slots__ = ("head", "tail", "cut", "n_head", "ids")
+
+    def __init__(self, head: Any, tail: Any, cut: int):
+        self.head, self.tail, self.cut = head, tail, cut
+        self.n_head = len(head.ids)
+        self.ids = head.ids + tail.ids
+
+    def char_to_token(self, c: int) -> int | None:
+        if c < self.cut:
+            return self.head.char_to_token(c)
+        t = self.tail.char_to_token(c - self.cut)
+        return None if t is None else t + self.n_head
+
+    def token_to_chars(self, t: int) -> tuple[int, int] | None:
+        if t < self.n_head:
+            return self.head.token_to_chars(t)
+        span = self.tail.token_to_chars(t - self.n_head)
+        return None if span is None else (span[0] + self.cut, span[1] + self.cut)
 
 
 def _first_token(enc: Any, a: int, b: int) -> int | None:
