@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from argparse import Namespace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -185,12 +186,21 @@ def _describe(info: dict[str, Any]) -> str:
     return str(info["path"])
 
 
-def chat_main(target: str, prompt: str | None = None, system: str | None = None, temperature: float = 0.7,
+def chat_main(target: str | Namespace, prompt: str | None = None, system: str | None = None, temperature: float = 0.7,
               top_p: float = 0.9, top_k: int = 0, repetition_penalty: float = 1.0, max_new_tokens: int = 512,
-              device: str | None = None, dtype: str | None = None, stdin: TextIO | None = None,
-              stdout: TextIO | None = None) -> int:
+              seed: int | None = None, device: str | None = None, dtype: str | None = None,
+              stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """`tunery chat TARGET`: with `prompt`, answer once and exit; otherwise an interactive multi-turn chat
-    that streams each reply as it is generated. /reset clears the history; /exit or Ctrl-D quits."""
+    that streams each reply as it is generated. /reset clears the history; /exit or Ctrl-D quits.
+    `target` may also be the CLI's argparse namespace (fields named like the keywords)."""
+    if isinstance(target, Namespace):
+        ns = target
+        target = ns.target
+        prompt, system = getattr(ns, "prompt", prompt), getattr(ns, "system", system)
+        temperature, top_p = getattr(ns, "temperature", temperature), getattr(ns, "top_p", top_p)
+        top_k, repetition_penalty = getattr(ns, "top_k", top_k), getattr(ns, "repetition_penalty", repetition_penalty)
+        max_new_tokens, seed = getattr(ns, "max_new_tokens", max_new_tokens), getattr(ns, "seed", seed)
+        device, dtype = getattr(ns, "device", device), getattr(ns, "dtype", dtype)
     from .generate import SamplingParams
     from .generate.chat import ChatSession
 
@@ -200,6 +210,9 @@ def chat_main(target: str, prompt: str | None = None, system: str | None = None,
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty)
     session = ChatSession(model, tokenizer, system=system, params=params)
+    if seed is not None:
+        torch.manual_seed(seed)
+        session.seed = seed
 
     def write(piece: str) -> None:
         stdout.write(piece)

@@ -44,6 +44,7 @@ class ChatSession:
         self.engine = generator or engine_for(model, tokenizer)
         self.params = params or SamplingParams(max_new_tokens=512, temperature=0.7, top_p=0.9)
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        self.seed: int | None = None  # reproducible sampling: turn i uses seed + i
 
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Answer `text`; `on_text(piece)` receives the reply as it is generated. Returns the whole reply."""
@@ -57,7 +58,8 @@ class ChatSession:
                 on_text(piece)
 
         try:
-            result: Completion = self.engine.generate([ids], self.params, stream=on_token)[0]
+            seed = None if self.seed is None else self.seed + len(self.messages)
+            result: Completion = self.engine.generate([ids], self.params, stream=on_token, seed=seed)[0]
         except BaseException:
             self.messages.pop()  # an interrupted turn leaves no half of itself in the history
             raise

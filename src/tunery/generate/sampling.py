@@ -85,6 +85,9 @@ class BatchSampler:
                 drop |= before >= self.top_p  # keeps the smallest prefix whose mass reaches top_p (>= 1 token)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+        # exponential race (Gumbel-max in another form): argmax p / E with E ~ Exp(1) draws from p, and is one
+        # fused pass instead of multinomial's per-row CPU work
         probs = scaled.softmax(-1)
-        sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        race = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
+        sampled = (probs / race).argmax(-1)
         return torch.where(self.greedy, logits.argmax(-1), sampled)
