@@ -115,7 +115,10 @@ def test_cache_reuse_and_one_byte_change(tmp_path, smol):
     tok2 = AutoTokenizer.from_pretrained(smol.name_or_path)
     tok2.chat_template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
     assert prepare_data(cfg, tok2, cfg_dir=tmp_path).fingerprint != changed.fingerprint
-    # No half-written cache folders are left behind.
+    # No half-written cache folders are left behind (once the background writes are done).
+    from tunery.data import wait_for_cache_writes
+
+    wait_for_cache_writes()
     assert not [p for p in (tmp_path / "prep").iterdir() if p.name.startswith(".")]
 
 
@@ -279,3 +282,30 @@ def test_preprocess_debug_and_dump(tmp_path, smol):
     assert len(ex) == 3 and all(ex_["position_ids"][0] == 0 and "[[" in ex_["rendered"] for ex_ in ex)
     trained = [i for i, lab in zip(ex[0]["input_ids"], ex[0]["labels"]) if lab != IGNORE]
     assert smol.decode(trained).endswith("<|im_end|>")
+
+
+def test_damaged_cache_is_rebuilt_and_later_row_edits_do_not_leak(tmp_path, smol):
+    from tunery.data import wait_for_cache_writes
+
+    write_jsonl(tmp_path / "d.jsonl", ROWS[:6])
+    cfg = config(tmp_path, [{"path": "d.jsonl", "type": "alpaca"}])
+    first = prepare_data(cfg, smol, cfg_dir=tmp_path)
+    first.train[0]["ref_chosen_logps"] = -1.0  # a method adding keys while the cache is being written
+    wait_for_cache_writes()
+    hit = prepare_data(cfg, smol, cfg_dir=tmp_path)
+    assert hit.stats["cache"] == "hit" and "ref_chosen_logps" not in hit.train[0]
+    folder = tmp_path / "prep" / first.fingerprint
+    (folder / "train.input_ids.bin").write_bytes(b"\x00\x01")
+    again = prepare_data(cfg, smol, cfg_dir=tmp_path)
+    assert again.stats["cache"] == "built" and again.train == hit.train
+    assert prepare_data(cfg, smol, cfg_dir=tmp_path).stats["cache"] == "hit"
+
+
+def test_colour_on_a_terminal(smol):
+    from tunery.data.preview import render_tokens
+
+    ids = smol("Hello world", add_special_tokens=False)["input_ids"]
+    labels = [IGNORE] + ids[1:]
+    coloured = render_tokens(smol, ids, labels, color=True)
+    assert "\x1b[32m" in coloured and "\x1b[90m" in coloured and "[[" not in coloured
+    assert render_tokens(smol, ids, labels, color=False) == "Hello[[ world]]"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from itertools import accumulate, chain
 from pathlib import Path
@@ -77,8 +78,20 @@ def _read_split(folder: Path, name: str, meta: dict[str, Any]) -> list[dict[str,
     return rows
 
 
+def _remove_stale_temporaries(root: Path, max_age_s: float = 86400.0) -> None:
+    """Temporary folders of writers that were killed mid-write."""
+    now = time.time()
+    for p in root.glob(".*.tmp"):
+        try:
+            if now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def save(root: Path, data: PreparedData) -> Path:
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root)
     final = root / data.fingerprint
     tmp = root / f".{data.fingerprint}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
@@ -103,13 +116,16 @@ def save(root: Path, data: PreparedData) -> Path:
 
 def load(root: Path, fingerprint: str) -> PreparedData | None:
     folder = root / fingerprint
+    if not (folder / "meta.json").is_file():
+        return None
     try:
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("version") != FORMAT_VERSION or meta.get("fingerprint") != fingerprint:
-            return None
+            raise ValueError("another cache format")
         train = _read_split(folder, "train", meta["splits"]["train"])
         ev = _read_split(folder, "eval", meta["splits"]["eval"]) if "eval" in meta["splits"] else None
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
+        shutil.rmtree(folder, ignore_errors=True)  # damaged: rebuilt and written again by the caller
         return None
     return PreparedData(train=train, eval=ev, stats=meta["stats"], fingerprint=fingerprint,
                         files=meta["files"], kind=meta["kind"])

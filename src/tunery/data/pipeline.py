@@ -164,7 +164,9 @@ def wait_for_cache_writes() -> None:
 
 
 def _save_in_background(root: Path, data: PreparedData) -> None:
-    snapshot = PreparedData(train=list(data.train), eval=None if data.eval is None else list(data.eval),
+    # Copies of the row dicts: callers may add keys to rows (precomputed reference log-probs) meanwhile.
+    snapshot = PreparedData(train=[dict(r) for r in data.train],
+                            eval=None if data.eval is None else [dict(r) for r in data.eval],
                             stats=dict(data.stats), fingerprint=data.fingerprint, files=dict(data.files),
                             kind=data.kind)
 
