@@ -161,11 +161,16 @@ def preprocess(cfg: Any, debug: int = 0, dump: str | Path | None = None, stream:
     if debug:
         color = bool(getattr(stream, "isatty", lambda: False)())
         for i, ex in enumerate(examples(data.train, data.kind, debug)):
-            trained = sum(1 for x in ex.get("labels", []) if x != IGNORE)
-            n = len(ex.get("input_ids", ex.get("prompt_ids", ex.get("chosen_input_ids", []))))
-            print(f"\n--- example {i + 1}: {n} tokens, {trained} labelled ---", file=stream)
+            if data.kind == "prompts":
+                head = f"prompt of {len(ex['prompt_ids'])} tokens"
+            elif data.kind == "preference":
+                head = f"chosen {len(ex['chosen_input_ids'])} tokens, rejected {len(ex['rejected_input_ids'])} tokens"
+            else:
+                trained = sum(1 for x in ex["labels"] if x != IGNORE)
+                head = f"{len(ex['input_ids'])} tokens, {trained} labelled"
+            print(f"\n--- example {i + 1}: {head} ---", file=stream)
             print(render_row(ex, tok, data.kind, color), file=stream)
-        if not color:
+        if not color and data.kind != "prompts":
             print("\n(trained text is shown [[in double brackets]]; the rest is masked)", file=stream)
     if dump:
         path = Path(dump)
