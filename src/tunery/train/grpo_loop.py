@@ -333,6 +333,7 @@ class GRPOTrainer(Trainer):
         """Greedy answers to this rank's share of the eval prompts, scored by every reward function."""
         if not self.data.eval:
             return None
+        t0 = time.perf_counter()
         rows = self.data.eval[self.rank :: self.world]
         size = self.cfg.eval_batch_size or self.prompts_per_rollout * self.g.num_generations
         sums = [0.0] * (len(self.rewards) + 2)
@@ -353,7 +354,7 @@ class GRPOTrainer(Trainer):
                 sums[2 + f] += float(per_func[:, f].sum())
         tot = _all_sum(sums, self.device)
         n = max(tot[0], 1.0)
-        out = {"eval_reward": tot[1] / n, "eval_rows": int(tot[0])}
+        out = {"eval_reward": tot[1] / n, "eval_rows": int(tot[0]), "eval_time_s": time.perf_counter() - t0}
         for f, rw in enumerate(self.rewards):
             out[f"eval_reward_{rw.name}"] = tot[2 + f] / n
         return out
