@@ -115,6 +115,8 @@ def gated_act_forward(gate: torch.Tensor, up: torch.Tensor, kind: str, use_trito
     gate, up = _flat(gate), _flat(up)
     h = torch.empty_like(gate)
     n = gate.numel()
+    if n == 0:
+        return h
     _act_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, h, n, KIND=KINDS[kind], BLOCK=_BLOCK, num_warps=8)
     return h
 
@@ -137,6 +139,8 @@ def gated_act_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, k
     else:
         dg, du = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
+    if n == 0:
+        return (dh if want_h else None), dg, du
     _act_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dh, dg, du, n, KIND=KINDS[kind], STORE_H=want_h,
                                                BLOCK=_BLOCK, num_warps=8)
     return (dh if want_h else None), dg, du

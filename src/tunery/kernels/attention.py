@@ -93,6 +93,9 @@ class FlashVarlenFunction(torch.autograd.Function):
         kw = _window_kw(scale, window)
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, **kw)
+        # no dropout: the rng outputs only have to be valid tensors for the backward call
+        rng = rng if isinstance(rng, torch.Tensor) else torch.zeros(2, dtype=torch.uint64, device=q.device)
+        unused = unused if isinstance(unused, torch.Tensor) else torch.empty(0, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng, unused)
         ctx.cfg = (max_seqlen, kw)
         return out

@@ -141,6 +141,8 @@ def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None, 
     if use_triton:
         n_rows, n_cols = logits.shape
         loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        if n_rows == 0:
+            return loss
         block_v = min(triton.next_power_of_2(n_cols), 4096)
         _ce_rows_kernel[(n_rows,)](logits, logits.stride(0), labels, loss, scale if scale is not None else loss,
                                    n_cols, float(softcap or 1.0), float(z_loss), HAS_SOFTCAP=softcap is not None,

@@ -110,6 +110,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: 
     n_rows, n_cols = x.shape
     y = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
     rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+    if n_rows == 0:
+        return y, rstd
     block_d, block_r, warps = _launch_shape(n_cols)
     grid = (triton.cdiv(n_rows, block_r),)
     _rms_fwd_kernel[grid](x, y, weight, rstd, x.stride(0), y.stride(0), n_rows, n_cols, eps, float(offset),
@@ -137,6 +139,8 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, wei
     x = x if x.stride(-1) == 1 else x.contiguous()
     n_rows, n_cols = x.shape
     dx = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
+    if n_rows == 0:
+        return dx, (torch.zeros_like(weight) if need_dw else None)
     block_d, block_r, warps = _launch_shape(n_cols)
     progs = max(1, min(num_programs(x, 2), triton.cdiv(n_rows, block_r)))
     rows_per_prog = triton.cdiv(triton.cdiv(n_rows, progs), block_r) * block_r

@@ -117,6 +117,8 @@ def _rope_triton(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, backwa
     if x2.stride(-1) != 1 or x2.stride(0) != h * d:
         x2 = x2.contiguous()
     out = torch.empty_like(x2) if rd == d else x2.clone()
+    if out.numel() == 0:
+        return out.view(b, t, h, d)
     half = rd // 2
     block_half = triton.next_power_of_2(half)
     block_h = max(1, min(triton.next_power_of_2(h), 2048 // block_half))
