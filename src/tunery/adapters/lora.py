@@ -44,11 +44,20 @@ class LoRALinear(nn.Module):
         return w.dequantize() if hasattr(w, "dequantize") and not isinstance(w, torch.Tensor) else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.base_weight(), self.bias)
+        w = self.weight
+        # quantized storage (quant/) runs its own frozen linear that never keeps the dequantized W
+        out = F.linear(x, w, self.bias) if isinstance(w, torch.Tensor) else w.linear(x, self.bias)
         if not self.enabled:
             return out
         h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x
-        return out + F.linear(F.linear(h.to(self.lora_A.dtype), self.lora_A), self.lora_B).to(out.dtype) * self.scale
+        a, b = self.lora_A, self.lora_B
+        if h.dtype in (torch.bfloat16, torch.float16) and a.dtype == torch.float32:
+            # half activations, fp32 adapter weights: compute in the activation dtype as autocast does;
+            # casting x up instead would keep an fp32 copy of every layer input for backward
+            a, b = a.to(h.dtype), b.to(h.dtype)
+        else:
+            h = h.to(a.dtype)
+        return out + F.linear(F.linear(h, a), b).to(out.dtype) * self.scale
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -86,7 +95,8 @@ def inject_lora(model: nn.Module, targets: list[str], r: int, alpha: float, drop
         p.requires_grad_(False)
     replaced = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and ".layers." in f".{name}" and _matches(name, targets):
+        linear = isinstance(module, nn.Linear) or getattr(module, "is_quantized_linear", False)  # quant.NF4Linear
+        if linear and ".layers." in f".{name}" and _matches(name, targets):
             parent_name, leaf = name.rsplit(".", 1)
             parent = model.get_submodule(parent_name)
             setattr(parent, leaf, LoRALinear(module, r, alpha, dropout, rslora))

@@ -1,0 +1,369 @@
+"""Activation memory: per-block gradient checkpointing, checkpoints offloaded to CPU, chunked MLP.
+
+`apply_checkpointing(model, mode)` sets `model.model.checkpoint_fn`, which the decoder calls as
+`ckpt(layer, x, rope, cu_seqlens, max_seqlen)` for every block while training:
+
+- `True`: torch.utils.checkpoint (non-reentrant) per block: only each block's input stays on the
+  GPU (L x tokens x hidden x 2 bytes), the block is recomputed in backward.
+- `"offload"`: the same recomputation, but each block's input goes to pinned CPU memory on a side
+  stream during forward and comes back (prefetched one block ahead) during backward, so the GPU
+  holds the inputs of at most `keep_on_gpu` (+2 in flight) blocks. A custom autograd function does
+  this (it recomputes the block and runs its backward inside its own backward, the reentrant
+  style), because torch's non-reentrant checkpoint keeps its inputs referenced on the device.
+  Without CUDA it keeps the input as is (a plain recomputing checkpoint).
+
+`mlp_chunk=N` splits the MLP of rows longer than N tokens into chunks of N tokens that are each
+recomputed in backward, so the [tokens x intermediate] tensors (3.5x the hidden size for Llama)
+never exist for the whole row at once. The MLP is per-token, so the result is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+
+# ------------------------------------------------------------------------------- recompute helper
+class _Replay:
+    """RNG and autocast state captured before a forward, to recompute it identically in backward."""
+
+    def __init__(self, x: torch.Tensor):
+        self.device_type = x.device.type
+        self.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        self.device = x.device
+
+    def __enter__(self):
+        self._fork = torch.random.fork_rng(devices=[self.device] if self.cuda_rng is not None else [])
+        self._fork.__enter__()
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+        enabled, dtype = self.autocast
+        self._amp = torch.autocast(self.device_type, dtype=dtype, enabled=enabled)
+        self._amp.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._amp.__exit__(*exc)
+        self._fork.__exit__(*exc)
+
+
+def _backward_through(y: torch.Tensor, grad: torch.Tensor) -> None:
+    """Backward of a recomputed piece: accumulates parameter grads (and the input's .grad)."""
+    if y.requires_grad:
+        torch.autograd.backward(y, grad)
+
+
+# ------------------------------------------------------------------------------- chunked MLP
+class _ChunkedMLP(torch.autograd.Function):
+    """Forward chunk by chunk without a graph; backward recomputes each chunk and backprops it.
+
+    Keeps x, the output, grad_x and one chunk's intermediates; never a full [tokens x intermediate].
+    """
+
+    @staticmethod
+    def forward(ctx, x, _needs_grad, dense, chunk):
+        ctx.dense, ctx.chunk = dense, chunk
+        ctx.replay = _Replay(x)
+        ctx.save_for_backward(x)
+        out = None
+        for s in range(0, x.shape[0], chunk):
+            y = dense(x[s : s + chunk])
+            if out is None:
+                out = y.new_empty(x.shape[0], y.shape[-1])
+            out[s : s + chunk] = y
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        grad_x = torch.empty_like(x) if need_x else None
+        with ctx.replay:
+            for s in range(0, x.shape[0], ctx.chunk):
+                part = x[s : s + ctx.chunk].detach().requires_grad_(need_x)
+                with torch.enable_grad():
+                    y = ctx.dense(part)
+                _backward_through(y, grad_out[s : s + ctx.chunk])
+                if need_x:
+                    grad_x[s : s + ctx.chunk] = part.grad if part.grad is not None else 0
+        return grad_x, None, None, None
+
+
+_DUMMY: dict[torch.device, torch.Tensor] = {}
+
+
+def _needs_grad_token(device: torch.device) -> torch.Tensor:
+    """A leaf that requires grad: passed to the custom functions so their output is part of the graph
+    (and their backward runs, for the adapter weights inside) even when the input needs no grad."""
+    t = _DUMMY.get(device)
+    if t is None:
+        t = _DUMMY[device] = torch.zeros((), device=device, requires_grad=True)
+    return t
+
+
+def chunked_mlp(dense: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """dense(x) computed `chunk` tokens at a time; in backward each chunk is recomputed."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    if flat.shape[0] <= chunk:
+        return dense(x)
+    if not torch.is_grad_enabled():
+        return torch.cat([dense(flat[s : s + chunk]) for s in range(0, flat.shape[0], chunk)]).view(*shape[:-1], -1)
+    out = _ChunkedMLP.apply(flat, _needs_grad_token(x.device), dense, chunk)
+    return out.view(*shape[:-1], out.shape[-1])
+
+
+def set_mlp_chunking(model: nn.Module, chunk: int | None) -> int:
+    """Install (or with None remove) chunked MLPs in every decoder block. Returns the blocks changed.
+
+    Uses the decoder's `mlp.chunk_fn` hook when the MLP has one (called as chunk_fn(dense, x)).
+    Until then it sets instance-level `forward` and `forward_fused` (the fused norm+MLP path, which
+    takes the residual stream and the norm) on our own MLP modules: parameters and names unchanged.
+    """
+    layers = _layers(model)
+    for layer in layers:
+        mlp = layer.mlp
+        fn = functools.partial(_chunk_call, chunk=chunk) if chunk else None
+        if hasattr(mlp, "chunk_fn"):
+            mlp.chunk_fn = fn
+            continue
+        for name in ("forward", "forward_fused"):
+            mlp.__dict__.pop(name, None)
+            orig = getattr(type(mlp), name, None)
+            if fn is None or orig is None:
+                continue
+            bound = orig.__get__(mlp)
+            if name == "forward":
+                mlp.forward = functools.partial(fn, bound)
+            else:
+                mlp.forward_fused = functools.partial(_chunk_fused, fn, bound)
+    return len(layers)
+
+
+def _chunk_fused(fn, bound, x, norm):
+    return fn(lambda t: bound(t, norm), x)
+
+
+def _chunk_call(dense, x, chunk):
+    return chunked_mlp(dense, x, chunk)
+
+
+# ------------------------------------------------------------------------------- pinned pool
+class PinnedPool:
+    """Reusable page-locked host buffers (exact sizes: torch's pinned allocator rounds to powers of 2,
+    which for multi-GiB checkpoints nearly doubles host memory)."""
+
+    def __init__(self):
+        self.free: list[torch.Tensor] = []
+        self.total_bytes = 0
+        self.registered: list[torch.Tensor] = []
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        fits = [b for b in self.free if b.numel() >= nbytes]
+        if fits:
+            buf = min(fits, key=lambda b: b.numel())
+            self.free.remove(buf)
+            return buf
+        return self._alloc(nbytes)
+
+    def put(self, buf: torch.Tensor) -> None:
+        self.free.append(buf)
+
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        size = -(-nbytes // (2 << 20)) * (2 << 20)  # 2 MiB granules so nearby sizes share buffers
+        buf = torch.empty(size, dtype=torch.uint8)
+        err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0))
+        if err != 0:  # fall back to torch's pinned allocator
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        else:
+            self.registered.append(buf)
+            weakref.finalize(buf, _unregister, buf.data_ptr())
+        self.total_bytes += size
+        return buf
+
+    def release(self) -> None:
+        """Drop every free buffer (the host memory goes back after the next GC)."""
+        self.total_bytes -= sum(b.numel() for b in self.free)
+        ids = {id(b) for b in self.free}
+        self.registered = [b for b in self.registered if id(b) not in ids]
+        self.free.clear()
+
+
+def _unregister(ptr: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:
+        pass
+
+
+class _Saved:
+    """One block input while the graph lives: on the GPU, or in a pinned buffer with a copy event."""
+
+    def __init__(self, owner: OffloadCheckpoint, x: torch.Tensor, offload: bool):
+        self.owner = owner
+        self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        self.gpu: torch.Tensor | None = None
+        self.host: torch.Tensor | None = None
+        self.event = None
+        if not offload:
+            self.gpu = x
+            return
+        nbytes = x.numel() * x.element_size()
+        stream = owner.stream
+        self.host = owner.pool.get(nbytes)
+        view = self.host[:nbytes].view(x.dtype).view(x.shape)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            view.copy_(x, non_blocking=True)
+        x.record_stream(stream)  # x's memory is not reused before the copy has read it
+        weakref.finalize(self, owner.pool.put, self.host)
+
+    def prefetch(self) -> None:
+        if self.gpu is not None or self.host is None:
+            return
+        stream = self.owner.stream
+        nbytes = self.shape.numel() * self.dtype.itemsize
+        with torch.cuda.stream(stream):
+            gpu = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            gpu.copy_(self.host[:nbytes].view(self.dtype).view(self.shape), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+        self.gpu = gpu
+
+    def load(self) -> torch.Tensor:
+        self.prefetch()
+        if self.event is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(self.event)
+            self.gpu.record_stream(main)
+            self.event = None
+        x, self.gpu = self.gpu, None
+        return x
+
+
+class _OffloadedBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, _needs_grad, run, saved_factory, prev_ref):
+        ctx.run = run
+        ctx.replay = _Replay(x)
+        y = run(x)  # Function.forward runs without a graph
+        ctx.saved = saved_factory(x)
+        ctx.prev = prev_ref  # the block before this one, prefetched while this one recomputes
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x = ctx.saved.load().detach()
+        prev = ctx.prev() if ctx.prev is not None else None
+        if prev is not None:
+            prev.prefetch()
+        need_x = ctx.needs_input_grad[0]
+        x.requires_grad_(need_x)
+        with ctx.replay:
+            with torch.enable_grad():
+                y = ctx.run(x)
+            _backward_through(y, grad_y)
+        ctx.saved = ctx.run = None
+        return (x.grad if need_x else None), None, None, None, None
+
+
+class OffloadCheckpoint:
+    """The `checkpoint_fn` for mode "offload". One instance per model; keeps a pinned host pool."""
+
+    def __init__(self, keep_on_gpu: int = 0, num_layers: int | None = None):
+        self.keep_on_gpu = keep_on_gpu
+        self.num_layers = num_layers
+        self.pool = PinnedPool()
+        self._stream = None
+        self._last: weakref.ref | None = None
+        self.layer_index: dict[int, int] = {}
+
+    @property
+    def stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor, rope: Any, cu_seqlens: torch.Tensor | None,
+                 max_seqlen: int | None) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return layer(x, rope, cu_seqlens, max_seqlen)
+        idx = self.layer_index.get(id(layer), 0)
+        first = idx == 0
+        offload = x.is_cuda and (self.num_layers is None or idx < self.num_layers - self.keep_on_gpu)
+        holder: list[_Saved] = []
+
+        def factory(t):
+            s = _Saved(self, t, offload)
+            holder.append(s)
+            return s
+
+        def run(t):
+            return layer(t, rope, cu_seqlens, max_seqlen)
+
+        prev = None if first else self._last
+        y = _OffloadedBlock.apply(x, _needs_grad_token(x.device), run, factory, prev)
+        self._last = weakref.ref(holder[0])
+        return y
+
+    @property
+    def host_bytes(self) -> int:
+        return self.pool.total_bytes
+
+
+# ------------------------------------------------------------------------------- entry point
+def _layers(model: nn.Module) -> list[nn.Module]:
+    body = getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk: int | None = None,
+                        keep_on_gpu: int = 0) -> Callable | None:
+    """Set gradient checkpointing for `model` (Tunery's decoder, or the transformers fallback).
+
+    mode: False/None (off), True (recompute per block), "offload" (recompute, block inputs in CPU
+    memory). `mlp_chunk` (tokens) also chunks the MLP of longer rows; `keep_on_gpu` keeps the inputs
+    of the last N blocks on the GPU (offload mode; what the memory planner suggests when they fit).
+    Returns the installed checkpoint function (an OffloadCheckpoint for "offload").
+    """
+    if mode not in (None, False, True, "offload"):
+        raise ValueError(f"gradient_checkpointing must be true, false or offload, got {mode!r}")
+    body = getattr(model, "model", None)
+    if body is None or not hasattr(body, "checkpoint_fn"):
+        hf = getattr(model, "hf", None)
+        if hf is None:
+            raise ValueError(f"{type(model).__name__} has no checkpointing hook (model.model.checkpoint_fn)")
+        if mode:  # transformers fallback: its own non-reentrant checkpointing; offload is not available there
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_disable()
+        return None
+    set_mlp_chunking(model, mlp_chunk)
+    if not mode:
+        body.checkpoint_fn = None
+    elif mode == "offload":
+        off = OffloadCheckpoint(keep_on_gpu, len(body.layers))
+        off.layer_index = {id(layer): i for i, layer in enumerate(body.layers)}
+        body.checkpoint_fn = off
+    else:
+        body.checkpoint_fn = _plain_checkpoint
+    return body.checkpoint_fn
+
+
+def _plain_checkpoint(layer, x, rope, cu_seqlens, max_seqlen):
+    if not torch.is_grad_enabled():
+        return layer(x, rope, cu_seqlens, max_seqlen)
+    return checkpoint(layer, x, rope, cu_seqlens, max_seqlen, use_reentrant=False)
+
+
+__all__ = ["OffloadCheckpoint", "apply_checkpointing", "chunked_mlp", "set_mlp_chunking"]
