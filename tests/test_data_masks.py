@@ -294,3 +294,38 @@ def test_gsm8k_sample_ids_equal_apply_chat_template(tmp_path, smol):
         conv = [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
         assert row["input_ids"] == chat_ids(smol, conv)
         assert _runs(smol, row) == [r["answer"] + "<|im_end|>"]
+
+
+QWEN3_STYLE = (
+    "{%- set ns = namespace(last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if message.role == 'user' %}{%- set ns.last_query_index = index %}{%- break %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- set content = message.content %}"
+    "{%- if message.role == 'user' or message.role == 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- set reasoning_content = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_qwen3_style_history_differs_from_last_turn(tmp_path, smol_path):
+    """Reasoning kept only in the last turn, an empty <think> block added there: the template renders a
+    turn differently once more turns follow. The last answer is trained from the generation prompt on
+    (the <think> block is what the model writes), earlier answers as they appear in the history."""
+    tok = AutoTokenizer.from_pretrained(str(smol_path))
+    tok.chat_template = QWEN3_STYLE
+    conv = [dict(m) for m in CONV]
+    with_reasoning = [dict(m) for m in CONV]
+    with_reasoning[1]["content"] = "<think>\nadd them\n</think>\n\nIt is 4."
+    with_reasoning[3]["content"] = "<think>\nadd again\n</think>\n\nIt is 6."
+    data = run(tmp_path, tok, [{"messages": conv}, {"messages": with_reasoning}])
+    a, b = data.train
+    assert a["input_ids"] == chat_ids(tok, conv) and b["input_ids"] == chat_ids(tok, with_reasoning)
+    assert _runs(tok, a) == ["It is 4.<|im_end|>", "<think>\n\n</think>\n\nIt is 6.<|im_end|>"]
+    assert _runs(tok, b) == ["It is 4.<|im_end|>", "<think>\nadd again\n</think>\n\nIt is 6.<|im_end|>"]

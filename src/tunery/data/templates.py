@@ -146,52 +146,71 @@ class ChatRenderer:
 
     # -- where message k lies in `full`: (content start, content end, end of the turn) -----------------
     def _turn(self, messages: list[dict[str, Any]], k: int, full: str) -> tuple[int, int, int]:
+        """(start of the trained text, end of the content, end of the turn) of message k in `full`.
+
+        An assistant turn is trained from where the generation prompt ends: what the model writes, the
+        template's own additions (an empty <think></think> block, say) and the content. Other roles are
+        trained from where their content starts. A template that renders a turn differently once later
+        turns follow (history without reasoning, say) leaves the turn's end unknown: the end of `full`.
+        """
         last = k == len(messages) - 1
-        if last:
-            upto, bound = full, len(full)
-        else:
-            upto = self.render(messages[: k + 1])
-            bound = len(upto) if full.startswith(upto) else _lcp(upto, full)
+        upto = full if last else self.render(messages[: k + 1])
+        prefix_ok = last or full.startswith(upto)
+        bound = len(upto) if prefix_ok else len(full)
         content = messages[k].get("content")
-        if last and messages[k].get("role") == "assistant" and isinstance(content, str) and content:
+        text = content if isinstance(content, str) else None
+        role = messages[k].get("role")
+        if last and role == "assistant" and text:
             start = self._anchored(messages, full)
             if start is not None:
-                return start, start + len(content), bound
+                return start, start + len(text), bound
         head = None
-        if messages[k].get("role") == "assistant":
+        if role == "assistant":
             gen = self.render(messages[:k], add_generation_prompt=True)
             if full.startswith(gen) and len(gen) <= bound:
                 head = len(gen)
-        if head is not None and isinstance(content, str):
-            if full.startswith(content, head) and head + len(content) <= bound:
-                return head, head + len(content), bound
-            core = content.strip()
-            at = full.find(core, head, bound) if core else -1
-            if at != -1 and not full[head:at].strip():  # only whitespace between header and content
-                return at, at + len(core), bound
+        if head is not None and text is not None:
+            if full.startswith(text, head) and head + len(text) <= bound:
+                return head, head + len(text), bound
+            core = text.strip()
             if not core:
                 return head, head, bound
-        # Diff against the same conversation with this turn's content emptied: the common prefix ends at
-        # the content's start and the common suffix begins at its end, whatever the template does to it.
-        # (Positions agree with `full` up to `bound`, where `upto` and `full` part.)
+            at = full.find(core, head, bound)
+            if at != -1 and not full[head:at].strip():  # only whitespace between header and content
+                return head, at + len(core), bound
+        if prefix_ok:
+            span = self._blank_diff(messages, k, upto)
+            if span is not None:
+                start, end = span
+                if head is not None and head <= end:
+                    start = head
+                return start, end, bound
+        # Last resort: the content runs from the header to the next special token.
+        if head is None:
+            before = self.render(messages[:k]) if k else ""
+            if not full.startswith(before):
+                return bound, bound, bound
+            head = len(before)
+            core = text.strip() if text else ""
+            at = full.find(core, head, bound) if core else -1
+            if at != -1:
+                return at, at + len(core), bound
+        m = self.specials.search(full, head, bound)
+        return head, (m.start() if m else bound), bound
+
+    def _blank_diff(self, messages: list[dict[str, Any]], k: int, upto: str) -> tuple[int, int] | None:
+        """Where message k's content lies in `upto` (messages[:k+1] rendered), found by diffing against the
+        same conversation with that content emptied: the common prefix ends where the content starts,
+        the common suffix begins where it ends, whatever the template does to the content."""
         blank = dict(messages[k])
-        blank["content"] = [] if isinstance(content, list) else ""
+        blank["content"] = [] if isinstance(blank.get("content"), list) else ""
         try:
             empty = self.render(messages[:k] + [blank])
         except TemplateFailure:
-            empty = None
-        if empty is not None:
-            start = _lcp(upto, empty)
-            tail = min(_lcs(upto, empty), len(empty) - start, len(upto) - start)
-            end = len(upto) - tail
-            if head is not None and start < head <= end:
-                start = head  # the template dropped the empty turn's header: trust the generation prompt
-            if end <= bound:
-                return start, end, bound
-        # Last resort: content runs from the header to the next special token.
-        start = head if head is not None else bound
-        m = self.specials.search(full, start, bound)
-        return start, (m.start() if m else bound), bound
+            return None
+        start = _lcp(upto, empty)
+        tail = min(_lcs(upto, empty), len(empty) - start, len(upto) - start)
+        return start, len(upto) - tail
 
     # -- the last turn without a second rendering --------------------------------------------------------
     def _anchored(self, messages: list[dict[str, Any]], full: str) -> int | None:
