@@ -107,15 +107,17 @@ def init_params(named, seed: int, only_lora: bool = False) -> None:
             gen = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(key.encode()))
             if key.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif key.endswith("lora_B"):
+            elif key.endswith("lora_B") or key.endswith("bias"):
                 p.zero_()
-            elif key.endswith("lora_A"):
-                bound = 1.0 / math.sqrt(p.shape[1])
-                p.uniform_(-bound, bound, generator=gen)
-            elif key.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+            else:  # drawn in fp32 whatever p's dtype (peft keeps adapters in fp32), then rounded into p
+                tmp = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                if key.endswith("lora_A"):
+                    bound = 1.0 / math.sqrt(p.shape[1])
+                    tmp.uniform_(-bound, bound, generator=gen)
+                else:
+                    tmp.normal_(0.0, 0.02, generator=gen)
+                p.copy_(tmp)
+                del tmp
 
 
 def token_data(vocab: int, batch: int, seq: int, steps: int):
@@ -158,6 +160,8 @@ def matmul_ceiling_tflops(device: str) -> float:
         ev1.record()
         torch.cuda.synchronize()
         best = max(best, 10 * 2 * n**3 / (ev0.elapsed_time(ev1) / 1e3) / 1e12)
+    del a, b
+    torch.cuda.empty_cache()
     return best
 
 
