@@ -310,6 +310,8 @@ def test_token_is_required_when_set(runs_dir):
         assert c.get("/static/app.js").status_code == 200
     with client(make_settings(runs_dir, auth_token="s3cret")) as c:
         assert c.get("/?token=nope", follow_redirects=False).status_code == 401
+        r = c.get("//evil.example/?token=s3cret", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/"
 
 
 def test_state_changes_need_the_csrf_header_and_a_local_host(runs_dir):

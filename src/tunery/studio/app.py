@@ -63,6 +63,8 @@ def create_app(settings: StudioSettings) -> FastAPI:
                     pass
 
         task = asyncio.create_task(monitor())
+        # Import the optional parts (torch, the data pipeline) now, not on the first page load.
+        threading.Thread(target=integrations.features, daemon=True, name="studio-warmup").start()
         try:
             yield
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,18 @@ def available(module: str, name: str) -> bool:
         return False
 
 
-def features() -> dict[str, bool]:
+_features: dict[str, Any] = {"t": 0.0, "value": None}
+
+
+def features(max_age_s: float = 30.0) -> dict[str, bool]:
+    """Which parts this build has (imports them once; re-checked every `max_age_s`)."""
+    now = time.time()
+    if _features["value"] is None or now - _features["t"] > max_age_s:
+        _features.update(t=now, value=_features_now())
+    return _features["value"]
+
+
+def _features_now() -> dict[str, bool]:
     return {
         "preview": available("tunery.data", "preview"),
         "plan": available("tunery.plan", "plan"),

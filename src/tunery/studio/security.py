@@ -106,7 +106,9 @@ class Guard:
             if given is not None and scope.get("method") == "GET" and token_ok(s, given):
                 # Login link: remember the token in a cookie and drop it from the address bar.
                 rest = urlencode([(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode()) if k != "token"])
-                location = scope.get("path", "/") + (f"?{rest}" if rest else "")
+                path = scope.get("path", "/")
+                path = path if path.startswith("/") and not path.startswith("//") else "/"  # no open redirect
+                location = path + (f"?{rest}" if rest else "")
                 cookie = f"{COOKIE}={s.auth_token}; Path=/; HttpOnly; SameSite=Strict"
                 return await _send(send, 303, b"", [(b"location", location.encode()), (b"set-cookie", cookie.encode())])
             auth = _header(scope, b"authorization") or ""

@@ -77,6 +77,8 @@ const fmt = {
   },
 };
 
+function slug(s) { return String(s).toLowerCase().replace(/[^a-z0-9._-]+/g, "-").replace(/^-+|-+$/g, "") || "model"; }
+
 function badge(state) { return h("span", { class: `badge ${state}`, dataset: { state } }, state); }
 
 // A page gets a `cleanup` list; everything live (timers, streams, observers) registers there.
@@ -128,8 +130,10 @@ async function pageRuns(view) {
     let data;
     try { data = await api("GET", "/api/runs"); } catch (e) { if (first) body.replaceChildren(h("div", { class: "notice bad" }, e.message)); return; }
     first = false;
-    const inf = await getInfo();
-    $("#runs-meta").textContent = `${data.runs.length} run${data.runs.length === 1 ? "" : "s"} in ${inf.runs_dir}`;
+    getInfo().then(inf => {
+      const meta = $("#runs-meta");
+      if (meta) meta.textContent = `${data.runs.length} run${data.runs.length === 1 ? "" : "s"} in ${inf.runs_dir}`;
+    }).catch(() => {});
     if (!data.runs.length) {
       body.replaceChildren(h("div", { class: "card empty" },
         h("div", {}, "No runs yet. Runs started here or with ", h("code", {}, "tunery train"), " in this folder appear here."),
@@ -460,8 +464,8 @@ function makeChart(title, series, opts = {}) {
       cursor: { points: { size: 6 } },
       axes: [
         opts.time
-          ? { stroke: "#667085", grid: { stroke: "#eef0f3" }, ticks: { stroke: "#eef0f3" }, size: 34, incrs: TIME_INCRS,
-              values: (u, vals) => vals.map(v => new Date(v * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" })) }
+          ? { stroke: "#667085", grid: { stroke: "#eef0f3" }, ticks: { stroke: "#eef0f3" }, size: 34, incrs: TIME_INCRS, space: 80,
+              values: (u, vals) => vals.map(v => new Date(v * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false })) }
           : { stroke: "#667085", grid: { stroke: "#eef0f3" }, ticks: { stroke: "#eef0f3" }, size: 34, incrs: STEP_INCRS },
         { stroke: "#667085", grid: { stroke: "#eef0f3" }, ticks: { stroke: "#eef0f3" }, values: (u, vals) => vals.map(v => opts.fmtY ? opts.fmtY(v) : fmt.num(v, 3)),
           // Wide enough for the longest tick label (about 7 px a character at this size).
@@ -484,12 +488,16 @@ function makeChart(title, series, opts = {}) {
       cols.forEach((c, i) => { data[i + 1] = c; });
       const n = cols.reduce((acc, c) => acc + c.filter(v => v !== null && v !== undefined).length, 0);
       card.dataset.points = String(n);
-      if (!n) return;
+      if (!n || xs.length < (opts.minPoints || 1)) return;
       const nd = plot.querySelector(".nodata");
       if (nd) nd.remove();
       if (!u) build(); else u.setData(data);
       const last = cols[0].findLast ? cols[0].findLast(v => v !== null && v !== undefined) : [...cols[0]].reverse().find(v => v !== null && v !== undefined);
       val.textContent = last === undefined ? "" : (opts.fmtY ? opts.fmtY(last) : fmt.num(last));
+    },
+    note(text) {
+      const nd = plot.querySelector(".nodata") || plot.appendChild(h("div", { class: "nodata" }));
+      nd.textContent = text;
     },
   };
 }
@@ -509,7 +517,7 @@ async function pageRun(view, id) {
   const lr = makeChart("Learning rate", [{ label: "lr", color: "#0ca678" }], { id: "lr", fmtY: v => v.toExponential(2) });
   const gn = makeChart("Grad norm", [{ label: "grad norm", color: "#d6336c" }], { id: "grad_norm" });
   const tps = makeChart("Tokens / s", [{ label: "tokens/s", color: "#1c7ed6" }], { id: "tokens_per_s", fmtY: v => v >= 1000 ? Math.round(v).toLocaleString() : fmt.num(v, 1) });
-  const sysChart = makeChart("Machine", [{ label: "CPU %" }, { label: "RAM %", color: "#0ca678" }], { id: "system", time: true, xLabel: "time", yRange: [0, 100], fmtY: v => `${Math.round(v)}%`, empty: "collecting…" });
+  const sysChart = makeChart("Machine", [{ label: "CPU %" }, { label: "RAM %", color: "#0ca678" }], { id: "system", time: true, xLabel: "time", yRange: [0, 100], fmtY: v => `${Math.round(v)}%`, empty: "collecting…", minPoints: 2 });
   const sysTitle = sysChart.card.querySelector("h3");
 
   const logBox = h("pre", { class: "box", id: "log" }, "");
@@ -647,6 +655,7 @@ async function pageRun(view, id) {
         h("div", { class: "row" }, h("b", {}, j.label), badge(j.state), h("span", { class: "spacer" }),
           j.output ? h("a", { class: "btn small", href: `/api/runs/${id}/download?path=${encodeURIComponent(j.output)}`, download: "", dataset: { download: j.output } }, "Download") : null),
         running || j.state !== "done" ? p : null,
+        j.kind === "ollama" && j.output ? h("div", { class: "muted" }, "Then, in that folder: ", h("code", {}, `ollama create ${slug(run.name)} -f Modelfile`)) : null,
         j.log && j.log.length && j.state !== "done" ? h("div", { class: "log" }, j.log.slice(-3).join("\n")) : null);
     }));
     filesBox.replaceChildren(...(d.exports || []).map(f => h("li", {}, h("span", { class: "name" }, f.name + (f.folder ? "/" : "")),
@@ -690,7 +699,10 @@ async function pageRun(view, id) {
     });
     es.addEventListener("jobs", e => renderJobs(JSON.parse(e.data)));
     es.addEventListener("system", e => addSystem(JSON.parse(e.data)));
-    es.addEventListener("end", () => { es.close(); es = null; });
+    es.addEventListener("end", () => {
+      es.close(); es = null;
+      if (S.t.length < 2) sysChart.note("shown while the run trains or exports");
+    });
   }
   connect();
   onLeave(() => { if (es) es.close(); });
