@@ -249,7 +249,7 @@ class MLP(nn.Module):
     def forward_fused(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """norm folded into the fused MLP (its input is recomputed in backward, never kept)."""
         specs = [linear_spec(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        if self.chunk_fn is not None or "forward" in self.__dict__ or any(s is None for s in specs):
+        if self.chunk_fn is not None or any(s is None for s in specs):
             return self(norm(x))
         return fused_mlp(x, *specs, kind=self.act, norm_weight=norm.weight, eps=norm.eps, offset=norm.offset,
                          recompute=self.recompute)
