@@ -437,3 +437,51 @@ def test_chat_targets_and_unavailable_states(runs_dir):
         assert set(feats) == {"preview", "plan", "chat", "merge", "export"}
         bad = c.post("/api/chat", json={"run_id": t["runs"][0]["id"], "messages": []}, headers=H)
         assert bad.status_code == 400
+
+
+# ---------------------------------------------------------------------------- the real pipeline behind the page
+def test_preview_renders_trained_and_masked_tokens(runs_dir, smol_path):
+    with client(make_settings(runs_dir)) as c:
+        data = upload_data(c)
+        cache = str(runs_dir / "prepared")
+        d = c.post("/api/config/preview", json={"config": sft_config(data, dataset_prepared_path=cache), "n": 2},
+                   headers=H).json()
+        if not d["available"]:
+            pytest.skip(d["reason"])
+        assert d["ok"], d
+        assert len(d["examples"]) == 2
+        for ex in d["examples"]:
+            segs = ex["blocks"][0]["segments"]
+            trained = "".join(s["text"] for s in segs if s["trained"])
+            masked = "".join(s["text"] for s in segs if not s["trained"])
+            assert "What is" in masked and "What is" not in trained  # the question is context only
+            assert trained.strip() and ex["trained_tokens"] < ex["tokens"]
+        wrong_field = [{"path": data, "type": "alpaca", "field_instruction": "nope"}]
+        bad = c.post("/api/config/preview", json={"config": sft_config(data, datasets=wrong_field,
+                                                                        dataset_prepared_path=cache)}, headers=H).json()
+        assert bad["available"] and not bad["ok"] and bad["problems"]
+
+
+def test_plan_answers_or_says_unavailable(runs_dir):
+    with client(make_settings(runs_dir)) as c:
+        data = upload_data(c)
+        d = c.post("/api/config/plan", json={"config": sft_config(data), "gpu_mem": "24GiB"}, headers=H).json()
+        if d["available"]:
+            assert d["ok"] and isinstance(d["fits"], bool) and d["report"], d
+        else:
+            assert "tunery.plan" in d["reason"]
+
+
+def test_gpu_stats_from_nvidia_smi(tmp_path, monkeypatch):
+    from tunery.studio import sysinfo
+
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H200, 87, 40000, 143771'\necho 'NVIDIA H200, [N/A], 10, 143771'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    monkeypatch.setitem(sysinfo._cache, "value", None)
+    snap = sysinfo.snapshot()
+    assert [g["util"] for g in snap["gpus"]] == [87.0, None]
+    assert snap["gpus"][0]["mem_used"] == 40000 * 2**20 and snap["gpus"][0]["name"] == "NVIDIA H200"
+    assert snap["ram_total"] > 0 and snap["cpu_count"] >= 1

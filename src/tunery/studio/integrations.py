@@ -133,17 +133,13 @@ QUANTS = ["f16", "bf16", "q8_0"]
 def export_quants() -> list[str]:
     """GGUF tensor types the exporter writes."""
     try:
-        from ..export.gguf_writer import QUANT_TYPES
+        from ..export import QUANT_TYPES
     except Exception:
         return list(QUANTS)
     return [q for q in QUANT_TYPES if q != "f32"] or list(QUANTS)
 
 
 # ---------------------------------------------------------------------------- chat
-class StopGeneration(Exception):
-    pass
-
-
 class ChatEngine:
     """One loaded model at a time (the last one asked for); callers hold `lock` while using it."""
 
@@ -180,19 +176,17 @@ class ChatEngine:
         stream = text_stream(tok)
         count = 0
 
-        def on_token(row: int, token_id: int) -> None:
+        def on_token(row: int, token_id: int) -> bool:
             nonlocal count
             if stop.is_set():
-                raise StopGeneration
+                return True  # the engine stops this row
             count += 1
             piece = stream.push(token_id)
             if piece:
                 on_text(piece)
+            return False
 
-        try:
-            engine_for(model, tok).generate([ids], params, stream=on_token, seed=seed)
-        except StopGeneration:
-            return count
+        engine_for(model, tok).generate([ids], params, stream=on_token, seed=seed)
         tail = stream.flush()
         if tail:
             on_text(tail)
