@@ -49,20 +49,20 @@ def test_batched_greedy_equals_transformers(tiny, tiny_llama, static):
     assert gen.last_stats.new_tokens == 12 and gen.last_stats.batch == 1
 
 
-def test_sliding_window_and_softcap_family(tmp_path, smol_path):
+def test_sliding_window_and_softcap_family(tmp_path, tiny_llama):
     """Gemma 2 (soft-capping, sliding window shorter than the prompt, GQA) against transformers."""
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(smol_path))
-    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
-                       max_position_embeddings=256, pad_token_id=tok.pad_token_id)
+                       max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
     Gemma2ForCausalLM(cfg).save_pretrained(str(tmp_path))
-    tok.save_pretrained(str(tmp_path))
+    AutoTokenizer.from_pretrained(str(tiny_llama)).save_pretrained(str(tmp_path))
     lm = load_model(str(tmp_path))
-    prompts = _ids(tok, PROMPTS[1:3])
-    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=10, ignore_eos=True), tok)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (11, 4)]
+    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=10, ignore_eos=True), stop_ids=[], pad_id=0)
     for p, o in zip(prompts, out):
         assert o.token_ids == _hf_greedy(tmp_path, p, 10)
 

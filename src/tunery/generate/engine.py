@@ -59,6 +59,13 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
+def _bucket(n: int) -> int:
+    """Batch sizes graphs are captured for: powers of two up to 64, then multiples of 64."""
+    if n <= 64:
+        return 1 << (n - 1).bit_length()
+    return _round_up(n, 64)
+
+
 class _Graph:
     """One captured decode step for a (batch, cache length) shape, with its static buffers."""
 
@@ -138,6 +145,25 @@ class Generator:
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def _generate_own(self, prompts, plist, stream, seed) -> list[Completion]:
+        device, _ = self._device_dtype()
+        n_real = len(prompts)
+        if self._use_graphs(device) and _bucket(n_real) > n_real:
+            # graphs are captured per batch size: round up with one-token dummy rows so a few graphs serve all
+            extra = _bucket(n_real) - n_real
+            prompts = list(prompts) + [[self.pad_id]] * extra
+            plist = list(plist) + [SamplingParams(max_new_tokens=1, ignore_eos=True)] * extra
+            user_stream = stream
+            if user_stream is not None:
+                def stream(r, tok):
+                    return user_stream(r, tok) if r < n_real else True
+            out = self._generate_rows(prompts, plist, stream, seed)[:n_real]
+            self.last_stats.batch = n_real
+            self.last_stats.new_tokens = sum(len(r.token_ids) for r in out)
+            self.last_stats.prompt_tokens = sum(r.prompt_tokens for r in out)
+            return out
+        return self._generate_rows(prompts, plist, stream, seed)
+
+    def _generate_rows(self, prompts, plist, stream, seed) -> list[Completion]:
         model: CausalLM = self.model  # type: ignore[assignment]
         device, dtype = self._device_dtype()
         b = len(prompts)
@@ -158,7 +184,7 @@ class Generator:
         positions = (torch.arange(t, device=device)[None, :] - pads[:, None]).clamp(min=0)
 
         if graphs:
-            g = self._graph_for(b, _round_up(t + max_new, 64), device, dtype)
+            g = self._graph_for(b, _round_up(t + max_new, 128), device, dtype)
             cache = g.cache
             cache.pos.zero_()
         else:
@@ -440,6 +466,7 @@ def _row_view(cache: KVCache, i: int, j: int) -> KVCache:
     sub.length = cache.length
     sub.max_len = cache.max_len
     sub.pos = cache.pos
+    sub.masks = {}
     return sub
 
 

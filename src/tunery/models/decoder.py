@@ -118,6 +118,7 @@ class KVCache:
         self.max_len = max_len
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # valid (non-pad) keys
         self.pos = torch.zeros(1, dtype=torch.long, device=device) if static else None
+        self.masks: dict = {}  # this forward's attention masks by window size, built by the first layer
 
     def reorder(self, index: torch.Tensor) -> None:
         self.k = [t[index] for t in self.k]
@@ -200,12 +201,17 @@ class Attention(nn.Module):
             vc[:, :, s : s + t] = v.transpose(1, 2)
             kk, vv, valid = kc[:, :, : s + t], vc[:, :, : s + t], cache.key_mask[:, : s + t]
             qi = torch.arange(s, s + t, device=q.device)
-        ki = torch.arange(kk.shape[2], device=q.device)
-        causal = ki[None, :] <= qi[:, None]
-        if self.window is not None:
-            causal = causal & (qi[:, None] - ki[None, :] < self.window)
-        # a query always sees its own key, so a left-pad row is never fully masked (that would give NaN)
-        mask = (causal[None, None] & valid[:, None, None, :]) | (ki[None, :] == qi[:, None])[None, None]
+        if self.layer == 0:
+            cache.masks = {}
+        mask = cache.masks.get(self.window)
+        if mask is None:  # one mask per forward and window size, shared by the layers
+            ki = torch.arange(kk.shape[2], device=q.device)
+            causal = ki[None, :] <= qi[:, None]
+            if self.window is not None:
+                causal = causal & (qi[:, None] - ki[None, :] < self.window)
+            # a query always sees its own key, so a left-pad row is never fully masked (that would give NaN)
+            mask = (causal[None, None] & valid[:, None, None, :]) | (ki[None, :] == qi[:, None])[None, None]
+            cache.masks[self.window] = mask
         qq = q.transpose(1, 2)
         hkv = kk.shape[1]
         rep = qq.shape[1] // hkv
