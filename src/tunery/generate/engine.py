@@ -341,6 +341,7 @@ class Generator:
         positions = torch.zeros(b, 1, dtype=torch.long, device=device)
 
         def step():
+            cache.length = 0  # static mode does not read it; a constant keeps torch.compile from recompiling
             h = model(ids, positions, cache=cache)
             return model.logits(h[:, -1])
 
