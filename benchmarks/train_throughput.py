@@ -317,6 +317,18 @@ def worker(args) -> dict:
             res["mem_before_step_gib"] = torch.cuda.memory_allocated() / 2**30
         loss = train_step(i)
         losses.append(float(loss.item()))
+    if args.stack == "c" and budget and cuda and policy.get("checkpointed_blocks") == 0:
+        over = torch.cuda.max_memory_allocated() - budget
+        if over > 0:  # estimate fell short: recompute a few more MLPs, run one more warmup step
+            from tunery.models.fused import set_mlp_recompute
+
+            extra = math.ceil(over / mlp_bytes(m, batch * seq, dtype))
+            policy["mlp_recompute_layers"] = min(m["num_hidden_layers"], policy["mlp_recompute_layers"] + extra)
+            set_mlp_recompute(model, policy["mlp_recompute_layers"])
+            policy["corrected"] = True
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            train_step(0)
     res["policy"] = policy
     res["first_losses"] = losses[:3]
     if cuda:
@@ -335,6 +347,12 @@ def worker(args) -> dict:
     return res
 
 
+def mlp_bytes(m: dict, tokens: int, dtype) -> int:
+    import torch
+
+    return 2 * tokens * m["intermediate_size"] * (torch.finfo(dtype).bits // 8)
+
+
 def fit_memory(model, m: dict, tokens: int, budget: float, peak_all: float, dtype) -> dict:
     """Choose how many MLPs recompute (and, if needed, how many blocks checkpoint) to stay under budget.
 
@@ -345,9 +363,8 @@ def fit_memory(model, m: dict, tokens: int, budget: float, peak_all: float, dtyp
     from tunery.models.fused import set_mlp_recompute
 
     layers = m["num_hidden_layers"]
-    elem = torch.finfo(dtype).bits // 8
-    per_mlp = 2 * tokens * m["intermediate_size"] * elem
-    target = budget * 0.985
+    per_mlp = mlp_bytes(m, tokens, dtype)
+    target = budget - (48 << 20)  # the estimate is exact to a few MiB; a small margin for allocator rounding
     if peak_all <= target:
         keep = int((target - peak_all) // per_mlp)
         n_rec = max(0, layers - keep)
@@ -357,7 +374,7 @@ def fit_memory(model, m: dict, tokens: int, budget: float, peak_all: float, dtyp
     # per-block activations: residual, q, k, v, o, MLP input ~ tokens * (3*hidden + 2*q_dim + 2*kv_dim))
     qd = m["num_attention_heads"] * m["head_dim"]
     kvd = m["num_key_value_heads"] * m["head_dim"]
-    per_block = tokens * (3 * m["hidden_size"] + 2 * qd + 2 * kvd) * elem
+    per_block = tokens * (3 * m["hidden_size"] + 2 * qd + 2 * kvd) * (torch.finfo(dtype).bits // 8)
     n_ck = min(layers, math.ceil((peak_all - target) / per_block))
     set_mlp_recompute(model, True)
     _block_checkpointing(model, set(range(n_ck)))

@@ -118,12 +118,14 @@ def case_cross_entropy_rows():
     for softcap, z in [(None, 0.0), (3.0, 1e-3)]:
         for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]:
             x, y = (torch.randn(6, 300) * 4).to(dtype), torch.randint(0, 300, (6,))
+            y[4] = -100  # ignored row: loss 0, zero gradient
             scale = torch.randn(6)
             a, b = x.clone(), x.clone()
             la = _ce_rows(a, y, softcap, z, True, scale, True)
             lb = _ce_rows(b, y, softcap, z, True, scale, False)
             _close(la, lb, 1e-5)
             _close(a, b, tol)
+            assert la[4] == 0 and a[4].abs().max() == 0
 
 
 @case

@@ -90,16 +90,19 @@ if triton is not None:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
-    def _ce_rows_kernel(LOGITS, stride_l, LABELS, LOSS, SCALE, n_cols, softcap, z_loss,
+    def _ce_rows_kernel(LOGITS, stride_l, LABELS, LOSS, SCALE, n_cols, ignore_index, softcap, z_loss,
                         HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
                         BLOCK_V: tl.constexpr):
         """One row per program. loss = lse - x[label] + z*lse^2 (x soft-capped when HAS_SOFTCAP).
 
         With WRITE_GRAD the row is overwritten by d loss / d raw logits (times SCALE[row] if given).
+        A row whose label is ignore_index gets loss 0 and a zero gradient.
         """
         row = tl.program_id(0).to(tl.int64)
         ptr = LOGITS + row * stride_l
-        label = tl.load(LABELS + row)
+        raw_label = tl.load(LABELS + row)
+        valid = raw_label != ignore_index
+        label = tl.where(valid, raw_label, 0)
         m = -float("inf")
         d = 0.0
         for start in range(0, n_cols, BLOCK_V):
@@ -116,11 +119,11 @@ if triton is not None:
         x_label = tl.load(ptr + label).to(tl.float32)
         if HAS_SOFTCAP:
             x_label = softcap * _tanh(x_label / softcap)
-        tl.store(LOSS + row, lse - x_label + z_loss * lse * lse)
+        tl.store(LOSS + row, tl.where(valid, lse - x_label + z_loss * lse * lse, 0.0))
         if WRITE_GRAD:
-            scale = 1.0
+            scale = tl.where(valid, 1.0, 0.0)
             if HAS_SCALE:
-                scale = tl.load(SCALE + row).to(tl.float32)
+                scale = scale * tl.load(SCALE + row).to(tl.float32)
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = cols < n_cols
@@ -136,8 +139,10 @@ if triton is not None:
 
 
 def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None, z_loss: float, write_grad: bool,
-             scale: torch.Tensor | None, use_triton: bool) -> torch.Tensor:
-    """Per-row loss (fp32) of a [C, V] logits chunk; with write_grad the chunk becomes d loss / d logits."""
+             scale: torch.Tensor | None, use_triton: bool, ignore_index: int = -100) -> torch.Tensor:
+    """Per-row loss (fp32) of a [C, V] logits chunk; with write_grad the chunk becomes d loss / d logits.
+
+    Rows labelled ignore_index give loss 0 and zero gradient."""
     if use_triton:
         n_rows, n_cols = logits.shape
         loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
@@ -145,38 +150,41 @@ def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None, 
             return loss
         block_v = min(triton.next_power_of_2(n_cols), 4096)
         _ce_rows_kernel[(n_rows,)](logits, logits.stride(0), labels, loss, scale if scale is not None else loss,
-                                   n_cols, float(softcap or 1.0), float(z_loss), HAS_SOFTCAP=softcap is not None,
-                                   WRITE_GRAD=write_grad, HAS_SCALE=scale is not None, BLOCK_V=block_v,
-                                   num_warps=8)
+                                   n_cols, int(ignore_index), float(softcap or 1.0), float(z_loss),
+                                   HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad,
+                                   HAS_SCALE=scale is not None, BLOCK_V=block_v, num_warps=8)
         return loss
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
     x = logits.float()
     if softcap is not None:
         t = torch.tanh(x / softcap)
         x = t * softcap
     lse = torch.logsumexp(x, -1)
-    loss = lse - x.gather(1, labels[:, None]).squeeze(1) + z_loss * lse * lse
+    loss = (lse - x.gather(1, safe[:, None]).squeeze(1) + z_loss * lse * lse) * valid
     if write_grad:
         g = torch.softmax(x, -1) * (1 + 2 * z_loss * lse)[:, None]
-        g[torch.arange(g.shape[0], device=g.device), labels] -= 1.0
+        g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
         if softcap is not None:
             g = g * (1 - t * t)
-        if scale is not None:
-            g = g * scale[:, None]
+        g = g * (valid[:, None] if scale is None else (scale * valid)[:, None])
         logits.copy_(g)
     return loss
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
-    """Rows per chunk: about 256 MiB of bf16 logits, between 128 and 8192 rows."""
+    """Rows per chunk: about 128 MiB of bf16 logits, between 128 and 8192 rows."""
     if chunk_size:
         return chunk_size
-    rows = (256 << 20) // max(1, 2 * vocab)
+    rows = (128 << 20) // max(1, 2 * vocab)
     return max(128, min(8192, 1 << max(rows, 1).bit_length() - 1))
 
 
 def _kept(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """(keep index or None, hidden rows, labels) to run through the head. Ignored rows are dropped only
+    when they are many (prompt-masked SFT): a few (row ends) cost less computed and masked than copied."""
     keep = (labels != ignore_index).nonzero().squeeze(-1)
-    if keep.numel() == labels.numel():
+    if keep.numel() >= 0.75 * labels.numel():
         return None, hidden, labels
     return keep, hidden.index_select(0, keep), labels.index_select(0, keep)
 
@@ -197,7 +205,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for s in range(0, n, step):
             h, y = h_all[s : s + step], y_all[s : s + step]
             logits = h @ w.t()
-            total += _ce_rows(logits, y, softcap, z_loss, need_h or need_w, None, use_triton).sum()
+            total += _ce_rows(logits, y, softcap, z_loss, need_h or need_w, None, use_triton, ignore_index).sum()
             if need_h:
                 torch.mm(logits, w, out=grad_h[s : s + step])
             if need_w:
@@ -226,7 +234,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         out = torch.zeros(labels.shape, device=hidden.device, dtype=torch.float32)
         w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
         step = _chunk_rows(h_all.shape[0], weight.shape[0], chunk_size)
-        parts = [-_ce_rows(h @ w.t(), y, softcap, 0.0, False, None, use_triton)
+        parts = [-_ce_rows(h @ w.t(), y, softcap, 0.0, False, None, use_triton, ignore_index)
                  for h, y in zip(h_all.split(step), y_all.split(step))]
         logp = torch.cat(parts) if parts else out[:0]
         if keep is None:
@@ -234,13 +242,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
         else:
             out.index_copy_(0, keep, logp)
         ctx.save_for_backward(hidden, weight, labels, keep)
-        ctx.cfg = (softcap, step, use_triton)
+        ctx.cfg = (softcap, step, use_triton, ignore_index)
         return out
 
     @staticmethod
     def backward(ctx, g):
         hidden, weight, labels, keep = ctx.saved_tensors
-        softcap, step, use_triton = ctx.cfg
+        softcap, step, use_triton, ignore_index = ctx.cfg
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         h_all, y_all, g_all = hidden, labels, g.float()
         if keep is not None:
@@ -251,7 +259,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         for s in range(0, h_all.shape[0], step):
             h, y = h_all[s : s + step], y_all[s : s + step]
             logits = h @ w.t()
-            _ce_rows(logits, y, softcap, 0.0, True, (-g_all[s : s + step]).contiguous(), use_triton)
+            _ce_rows(logits, y, softcap, 0.0, True, (-g_all[s : s + step]).contiguous(), use_triton, ignore_index)
             if need_h:
                 torch.mm(logits, w, out=grad_h[s : s + step])
             if need_w:

@@ -223,7 +223,9 @@ class FusedMLPFunction(torch.autograd.Function):
             dha = None
             dh = dout @ wd
         want_h = (dha is not None and tneed[10]) or tneed[8]
-        h, dg, du = gated_act_backward(dh, g, u, meta.kind, meta.use_triton, want_h=want_h, reuse_inputs=fresh)
+        # dgate/dup overwrite gate/up (recomputed, or saved and needed no more): no new [tokens, inter]
+        # buffers at the backward peak. (So this backward can run once: no retain_graph double backward.)
+        h, dg, du = gated_act_backward(dh, g, u, meta.kind, meta.use_triton, want_h=want_h, reuse_inputs=True)
         if dha is not None and tneed[10]:
             grads[10] = (dha.t() @ h).to(ts[10].dtype)
         if tneed[8]:
