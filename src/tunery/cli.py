@@ -75,17 +75,17 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .generate.chat import chat_main
+    from .inference import chat_main
 
     return chat_main(args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .plan import format_report, parse_size, plan
+    from .train.plan import format_report, parse_bytes, plan
 
     cfg = load_config(args.config, args.overrides)
-    report = plan(cfg, parse_size(args.gpu_mem) if args.gpu_mem else None)
+    report = plan(cfg, parse_bytes(args.gpu_mem) if args.gpu_mem else None)
     print(format_report(report))
     return 0 if report.fits else 1
 
