@@ -49,7 +49,7 @@ def _source() -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--eval-rows", type=int, default=250)
+    ap.add_argument("--eval-rows", type=int, default=500)
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=8, help="prompts per micro-batch")
     ap.add_argument("--generations", type=int, default=8)
@@ -67,9 +67,11 @@ def main() -> None:
 
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     work = Path(tempfile.mkdtemp(prefix="grpo_gsm8k_"))
-    rows = [json.loads(line) for line in _source().read_text().splitlines() if line.strip()]
-    held = rows[-args.eval_rows :]
-    train_rows = rows[: -args.eval_rows][: max(args.steps * args.prompts_per_step, 64)]
+    source = _source()
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    n_eval = min(args.eval_rows, len(rows) // 5)  # the bundled 500-row sample keeps 400 rows to train on
+    held = rows[-n_eval:]
+    train_rows = rows[:-n_eval][: max(args.steps * args.prompts_per_step, 64)]
     for name, part in (("train.jsonl", train_rows), ("heldout.jsonl", held)):
         with open(work / name, "w") as f:
             for r in part:
@@ -116,7 +118,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "steps": len(steps), "prompts_per_step": args.prompts_per_step, "num_generations": args.generations,
         "max_completion_length": args.max_completion, "learning_rate": cfg.learning_rate,
-        "heldout_rows": first.get("eval_rows"),
+        "data": str(source), "train_rows": len(train_rows), "heldout_rows": first.get("eval_rows"),
         "heldout_accuracy_step0": first.get("eval_reward_gsm8k_answer"),
         "heldout_accuracy_final": last.get("eval_reward_gsm8k_answer"),
         "heldout_lenient_step0": first.get("eval_reward_last_number"),
