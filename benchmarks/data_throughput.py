@@ -6,7 +6,8 @@ Each repeat builds from scratch (fresh cache folder): read, render with the toke
 tokenize, mask, pack, write the cache. A final run reads the cache back. Prints one JSON line per
 measurement and writes them to $OUT/data_throughput.json when OUT is set. Wall time depends on what
 else the machine is doing, so CPU time (this process and its workers) and the load average are
-reported beside it. prepare_data returns before its background cache write ends (the caller goes on
+reported beside it; cpu_bound_examples_per_s is examples / (CPU seconds / cores), the rate if every
+core were busy with this work and nothing else (an upper bound on an idle machine). prepare_data returns before its background cache write ends (the caller goes on
 meanwhile); both times are reported.
 """
 
@@ -70,6 +71,7 @@ def main() -> None:
                    "wall_s": round(wall, 3), "wall_with_cache_write_s": round(wall_written, 3),
                    "cpu_s": round(cpu, 3), "examples_per_s": round(n / wall),
                    "examples_per_s_with_cache_write": round(n / wall_written),
+                   "cpu_bound_examples_per_s": round(n / (cpu / (os.cpu_count() or 1))),
                    "tokens": data.stats["tokens"], "packing_efficiency": data.stats.get("packing_efficiency"),
                    "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
             results.append(rec)
