@@ -149,12 +149,15 @@ def prepare_data(cfg: Any, tokenizer: Any, *, for_eval_only: bool = False, cfg_d
     if use_cache:
         data.stats["cache_path"] = str(root / fp)
         _save_in_background(root, data)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            wait_for_cache_writes()  # other ranks read the cache right after this one built it
     return data
 
 
 # The cache is written by a thread, so the caller goes on (loading the model, say) meanwhile. The write
 # is atomic; a later prepare_data in this process waits for pending writes before it looks; the
-# interpreter waits for the thread before it exits.
+# interpreter waits for the thread before it exits; under torchrun (WORLD_SIZE > 1) prepare_data
+# returns only once the cache is written, so the other ranks find it.
 _PENDING: list[threading.Thread] = []
 
 
