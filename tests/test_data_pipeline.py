@@ -309,3 +309,11 @@ def test_colour_on_a_terminal(smol):
     coloured = render_tokens(smol, ids, labels, color=True)
     assert "\x1b[32m" in coloured and "\x1b[90m" in coloured and "[[" not in coloured
     assert render_tokens(smol, ids, labels, color=False) == "Hello[[ world]]"
+
+
+def test_csv_cells_stay_text_and_booleans_parse(tmp_path, smol):
+    (tmp_path / "k.csv").write_text('prompt,completion,label\n"Pick a number","007",true\n"Again","42",false\n')
+    d = prepare_data(config(tmp_path, [{"path": "k.csv", "type": "kto"}], shuffle_merged_datasets=False), smol,
+                     cfg_dir=tmp_path)
+    assert [r["kto_label"] for r in d.train] == [True, False]
+    assert "007" in smol.decode(d.train[0]["input_ids"])

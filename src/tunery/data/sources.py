@@ -213,7 +213,11 @@ def _read_arrow_table(path: Path, kind: str, data: bytes) -> Any:
         if kind == "csv":
             import pyarrow.csv as pcsv
 
-            return pcsv.read_csv(io.BytesIO(data))
+            # CSV cells are text: keep them as written ("007" stays "007"), except true/false columns,
+            # which become booleans (kto labels).
+            probe = pcsv.read_csv(io.BytesIO(data))
+            types = {f.name: (pa.bool_() if pa.types.is_boolean(f.type) else pa.string()) for f in probe.schema}
+            return pcsv.read_csv(io.BytesIO(data), convert_options=pcsv.ConvertOptions(column_types=types))
         import pyarrow.ipc as ipc
 
         try:
