@@ -111,6 +111,10 @@ class KTO:
         else:
             if self.reference is None:
                 self.reference = build_reference(model)
+            if self.reference.mode == "precomputed":
+                raise ValueError("kto with precompute_ref_log_probs: the batch lacks ref_logps / ref_kl_logps; "
+                                 "collate_kto must pass them through and build each row's KL sequence from its "
+                                 "kl_input_ids / kl_labels (set by KTO.setup)")
             with torch.no_grad(), self.reference.use(model) as ref:
                 s_ref = sequence_logps(ref, forward_hidden(ref, batch), batch, 2 * n if has_kl else n)
             ref_logps, ref_kl = s_ref.sums[:n], s_ref.sums[n:] if has_kl else None
