@@ -111,11 +111,10 @@ def load_quantized(model: nn.Module, folder: str | Path, device: torch.device | 
     return materialize(model, safetensors_stream(folder), device, dtype, double_quant, skip)
 
 
-def random_stream(model: nn.Module, device: torch.device | str, std: float = 0.02, seed: int = 0,
+def random_stream(specs: list[tuple[str, torch.Size]], device: torch.device | str, std: float = 0.02, seed: int = 0,
                   norm_value: float = 1.0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Random weights for every parameter of a meta-device model, generated on `device` (benchmarks)."""
+    """Random weights for (name, shape) pairs, generated on `device` one at a time (benchmarks)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    specs = [(n, p.shape) for n, p in model.named_parameters()]
     for name, shape in specs:
         if name.endswith("norm.weight"):
             yield name, torch.full(shape, norm_value, device=device)
@@ -130,5 +129,6 @@ def init_quantized_random(model: nn.Module, device: torch.device | str, dtype: t
                           skip: tuple[str, ...] = ("lm_head", "embed_tokens")) -> list[str]:
     """Like `load_quantized` with random weights instead of a checkpoint (the memory benchmark)."""
     offset = float(getattr(getattr(model, "cfg", None), "norm_offset", 0.0) or 0.0)
-    stream = random_stream(model, device, std, seed, norm_value=0.0 if offset else 1.0)
+    specs = [(n, p.shape) for n, p in model.named_parameters()]  # before materialize swaps the linears
+    stream = random_stream(specs, device, std, seed, norm_value=0.0 if offset else 1.0)
     return materialize(model, stream, device, dtype, double_quant, skip, quantize)

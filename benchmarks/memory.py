@@ -1,0 +1,555 @@
+"""Memory benchmark (issue 5): QLoRA / LoRA peak memory, speed and longest trainable context.
+
+    python benchmarks/memory.py                          # H200: part "speed" (QLoRA 8B, seq 2048 x 2)
+    python benchmarks/memory.py --part context --stacks tunery --modes qlora      # one search per command
+    python benchmarks/memory.py --part context --stacks tunery --modes lora16
+    python benchmarks/memory.py --part context --stacks standard,liger --modes qlora,lora16
+    python benchmarks/memory.py --smoke                  # CPU: tiny shapes, both parts, a few seconds each
+
+Model: random weights of the Llama-3.1-8B shape (built on the meta device and materialised tensor by
+tensor on the GPU: nothing is downloaded, the 16-bit model never exists whole for QLoRA), LoRA r=16
+alpha=32 on all seven linears, bf16 compute, fp32 adapter weights, AdamW(fused).
+
+Stacks, each configuration in its own subprocess:
+
+- tunery: own decoder + fused kernels; NF4 base with double quantization (quant/), the frozen input
+  embedding in CPU memory, gradient checkpointing "offload" (block inputs in pinned CPU memory),
+  fused MLP recomputing gate/up, MLP chunked over the sequence for long rows; loss =
+  linear_cross_entropy(hidden_flat[:-1], model.head_weight, ids_flat[1:]) / n.
+- standard: transformers + peft + bitsandbytes QLoRA (Linear4bit nf4, double quant, bf16 compute),
+  SDPA attention, non-reentrant gradient checkpointing, bf16 autocast, model(..., labels=ids).loss.
+  Skipped cleanly when bitsandbytes is not importable (16-bit LoRA runs without it).
+- liger: standard + apply_liger_kernel_to_llama() (fused RMSNorm/RoPE/SwiGLU/linear CE), if importable.
+
+Part "speed": seq 2048, micro-batch 2; tokens/s over the timed steps and peak memory
+(torch.cuda.max_memory_allocated over all training steps); targets: tunery peak <= 7 GiB and
+tokens/s >= 2.0x standard. Part "context": micro-batch 1 under an 80 GiB cap
+(torch.cuda.set_per_process_memory_fraction); one training step per length; tunery starts at the
+target (QLoRA 409600, LoRA 307200 tokens) and the planner's prediction, the other stacks grow 2x from
+16k then bisect; targets: tunery >= 400k (QLoRA) and >= 300k (16-bit LoRA). Every tunery
+measurement prints the planner's prediction (tunery.train.plan) beside it. Results: $OUT/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+GiB = 1 << 30
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_8B = dict(
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=131072,
+    tie_word_embeddings=False, rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+)
+TINY = dict(LLAMA_8B, vocab_size=512, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+TARGETS = {"peak_gib": 7.0, "speed_ratio": 2.0, "context": {"qlora": 400_000, "lora16": 300_000}}
+CONTEXT_START = {"qlora": 409_600, "lora16": 307_200}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def planner_setup(spec: dict):
+    from tunery.train.plan import Setup
+
+    return Setup(seq_len=spec["seq"], micro_batch=spec["batch"], adapter="qlora" if spec["mode"] == "qlora" else "lora",
+                 lora_r=16, double_quant=True, checkpointing=spec.get("ckpt", "offload"),
+                 mlp_chunk=spec.get("mlp_chunk"), keep_on_gpu=spec.get("keep_on_gpu", 0),
+                 embed_on_cpu=spec.get("embed_on_cpu", True), mlp_recompute=True)
+
+
+def predict(spec: dict) -> float:
+    from tunery.train.plan import ModelShape, peak_bytes
+
+    return peak_bytes(ModelShape.from_hf(spec["model"]), planner_setup(spec)) / GiB
+
+
+def host_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 64 * GiB
+
+
+def tunery_long_settings(spec: dict, cap_bytes: float) -> dict:
+    """Offload settings for a long row: MLP chunks, and as many block inputs kept on the GPU as the
+    planner says fit under the cap (fewer host copies); the rest must fit in ~85% of free host RAM."""
+    from dataclasses import replace
+
+    from tunery.train.plan import ModelShape, best_keep_on_gpu
+
+    shape = ModelShape.from_hf(spec["model"])
+    tokens = spec["seq"] * spec["batch"]
+    chunk = 8192 if tokens > 16384 else None
+    s = replace(planner_setup(dict(spec, mlp_chunk=chunk)), checkpointing="offload")
+    keep = best_keep_on_gpu(shape, s, int(cap_bytes * 0.92))
+    u = tokens * shape.hidden * 2
+    host_layers = int(0.85 * host_available() // max(u, 1))
+    keep = max(keep, shape.layers - host_layers)
+    return {"mlp_chunk": chunk, "keep_on_gpu": min(keep, shape.layers)}
+
+
+# ------------------------------------------------------------------------------------------ stacks
+def build_tunery(spec: dict, device: str):
+    import torch
+
+    from tunery.adapters.lora import inject_lora
+    from tunery.models.decoder import CausalLM
+    from tunery.models.loading import _reset_buffers
+    from tunery.models.registry import decoder_config
+    from tunery.quant import init_quantized_random, offload_embedding
+    from tunery.train.activations import apply_checkpointing
+
+    cfg = decoder_config(spec["model"])
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    init_quantized_random(model, device, torch.bfloat16, double_quant=True, quantize=spec["mode"] == "qlora")
+    _reset_buffers(model)  # rope frequencies (fp32, computed, not stored)
+    model.model.inv_freq = model.model.inv_freq.to(device)
+    inject_lora(model, LINEARS, r=16, alpha=32)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 adapter weights, as the trainer does
+    if spec.get("embed_on_cpu", True):
+        offload_embedding(model)
+    try:
+        from tunery.models.fused import set_fused, set_mlp_recompute
+
+        set_fused(model, device == "cuda")
+        set_mlp_recompute(model, True)
+    except ImportError:
+        pass
+    apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"),
+                        keep_on_gpu=spec.get("keep_on_gpu", 0))
+    model.train()
+    from tunery.kernels.cross_entropy import linear_cross_entropy
+
+    state: dict = {}
+
+    docs = max(1, int(spec.get("docs", 1)))
+
+    def step(ids):
+        b, t = ids.shape
+        if state.get("shape") != (b, t):
+            doc = -(-t // docs)  # each row holds `docs` documents (position ids restart, attention stays inside)
+            state["shape"] = (b, t)
+            state["pos"] = (torch.arange(t, device=ids.device) % doc).expand(b, t)
+            starts = [r * t + s for r in range(b) for s in range(0, t, doc)] + [b * t]
+            state["cu"] = torch.tensor(starts, device=ids.device, dtype=torch.int32)
+            state["max"] = doc
+        hidden = model(ids, state["pos"], state["cu"], state["max"])
+        flat = hidden.reshape(b * t, -1)
+        labels = ids.reshape(-1)[1:]
+        return linear_cross_entropy(flat[:-1], model.head_weight, labels) / labels.numel()
+
+    return model, step, None
+
+
+def _materialize_hf(model, device: str, seed: int = 0) -> None:
+    """Random bf16 weights for every parameter still on the meta device (std 0.02, norms 1)."""
+    import torch
+    import torch.nn as nn
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for mname, mod in list(model.named_modules()):
+        for pname, p in list(mod._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if pname == "weight" and "norm" in mname.lower():
+                t = torch.ones(p.shape, device=device, dtype=torch.bfloat16)
+            else:
+                t = torch.randn(p.shape, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
+            mod._parameters[pname] = nn.Parameter(t, requires_grad=p.requires_grad)
+
+
+def build_standard(spec: dict, device: str, liger: bool):
+    import torch
+    import torch.nn as nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    qlora = spec["mode"] == "qlora"
+    if qlora:
+        import bitsandbytes as bnb
+    kw = {k: v for k, v in spec["model"].items() if k != "model_type"}
+    cfg = LlamaConfig(**kw)
+    cfg.use_cache = False
+    cfg._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    gen = torch.Generator(device=device).manual_seed(1)
+    if qlora:  # what from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant)) builds
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, nn.Linear) and ".layers." in name:
+                w = torch.randn(mod.out_features, mod.in_features, device=device, dtype=torch.bfloat16,
+                                generator=gen) * 0.02
+                lin = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                        compress_statistics=True, quant_type="nf4", device="meta")
+                try:
+                    p = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                          blocksize=64, module=lin)
+                except TypeError:
+                    p = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                          blocksize=64)
+                lin.weight = p.to(device)  # quantizes on the GPU
+                del w
+                parent, leaf = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent), leaf, lin)
+        model.is_loaded_in_4bit = True  # how peft recognises a bitsandbytes 4-bit model
+    _materialize_hf(model, device)
+    for name, mod in list(model.named_modules()):  # rotary buffers were on meta: rebuild them on the device
+        if type(mod).__name__.endswith("RotaryEmbedding"):
+            try:
+                fresh = type(mod)(config=cfg, device=device)
+            except TypeError:
+                fresh = type(mod)(config=cfg).to(device)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS,
+                                             bias="none", task_type="CAUSAL_LM"))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, step, torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------ worker
+def worker(spec: dict) -> dict:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not spec.get("cpu") else "cpu"
+    cuda = device == "cuda"
+    res: dict = {k: v for k, v in spec.items() if k != "model"}
+    res["device"] = device
+    if cuda and spec.get("cap_gib"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * GiB / total))
+    t0 = time.perf_counter()
+    if spec["stack"] == "tunery":
+        model, step, autocast = build_tunery(spec, device)
+        res["predicted_gib"] = round(predict(spec), 3)
+    else:
+        model, step, autocast = build_standard(spec, device, liger=spec["stack"] == "liger")
+    res["build_s"] = round(time.perf_counter() - t0, 1)
+    lora_bases = [type(getattr(m, "base_layer", m.weight)).__name__ for m in model.modules() if hasattr(m, "lora_A")]
+    res["lora_base_types"] = sorted(set(lora_bases))  # e.g. Linear4bit (bitsandbytes) or NF4Weight
+    params = [p for p in model.parameters() if p.requires_grad]
+    res["trainable_params"] = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=cuda, foreach=None if cuda else False)
+    gen = torch.Generator().manual_seed(1234)
+    vocab = spec["model"]["vocab_size"]
+    n_steps = spec["warmup"] + spec["steps"]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        res["static_gib"] = round(torch.cuda.memory_allocated() / GiB, 3)
+    losses, t_start = [], None
+    for i in range(n_steps):
+        if i == spec["warmup"]:
+            if cuda:
+                torch.cuda.synchronize()
+            t_start = time.perf_counter()
+        ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device)
+        ctx = torch.autocast(device, dtype=autocast) if autocast is not None else _null()
+        with ctx:
+            loss = step(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.item()))
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t_start if t_start is not None else None
+    res["ok"] = True
+    res["losses"] = [round(x, 4) for x in losses]
+    if dt and spec["steps"]:
+        res["step_s"] = dt / spec["steps"]
+        res["tokens_per_s"] = spec["steps"] * spec["batch"] * spec["seq"] / dt
+    if cuda:
+        res["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 3)
+        res["reserved_gib"] = round(torch.cuda.max_memory_reserved() / GiB, 3)
+    fn = getattr(getattr(model, "model", None), "checkpoint_fn", None)
+    if hasattr(fn, "host_bytes"):
+        res["host_pinned_gib"] = round(fn.host_bytes / GiB, 2)
+    return res
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_worker(spec: dict, timeout: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        env = dict(os.environ)
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--result", str(out)]
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            tail, code = proc.stderr[-3000:], proc.returncode
+        except subprocess.TimeoutExpired as e:
+            tail, code = (e.stderr or b"")[-3000:] if isinstance(e.stderr, bytes) else str(e.stderr)[-3000:], "timeout"
+        if out.exists():
+            res = json.loads(out.read_text())
+        else:
+            res = {k: v for k, v in spec.items() if k != "model"}
+            res.update(ok=False, error=f"exit {code}" + (" (killed: host memory?)" if code == -9 else ""),
+                       stderr_tail=tail if isinstance(tail, str) else tail.decode(errors="replace"))
+        res["wall_s"] = round(time.perf_counter() - t, 1)
+        return res
+
+
+# ------------------------------------------------------------------------------------------ parts
+def available(stack: str, mode: str) -> str | None:
+    """None when the stack can run, else why not."""
+    if stack == "tunery":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return "peft is not importable"
+    if stack == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel is not importable"
+    if mode == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:  # a wheel without a GPU build raises at import
+            return f"bitsandbytes is not importable ({type(e).__name__})"
+    return None
+
+
+def fmt(r: dict) -> str:
+    docs = f" ({r['docs']} docs)" if r.get("docs", 1) > 1 else ""
+    name = f"{r.get('stack')}/{r.get('mode')} seq {r.get('seq')} x {r.get('batch')}{docs}"
+    if not r.get("ok"):
+        err = r.get("error", "")
+        if "oom" in str(err).lower() or "out of memory" in str(r.get("stderr_tail", "")).lower():
+            err = "out of memory"
+        return f"  {name:<40} FAILED: {err}"
+    peak = f"{r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "n/a"
+    pred = f"{r['predicted_gib']:.2f} GiB" if r.get("predicted_gib") is not None else "-"
+    speed = f"{r['tokens_per_s']:9.0f} tok/s" if r.get("tokens_per_s") else ""
+    extra = f" host {r['host_pinned_gib']} GiB" if r.get("host_pinned_gib") else ""
+    return f"  {name:<40} peak {peak:>10}  planner {pred:>10}  {speed}{extra}  (build {r.get('build_s')} s)"
+
+
+def part_speed(args, stacks, modes) -> dict:
+    model = TINY if args.smoke else LLAMA_8B
+    seq, batch = (64, 2) if args.smoke else (2048, 2)
+    runs: dict = {}
+    for mode in modes:
+        for stack in stacks:
+            why = available(stack, mode)
+            key = f"{stack}/{mode}"
+            if why:
+                runs[key] = {"stack": stack, "mode": mode, "skipped": why}
+                print(f"  {key:<40} skipped: {why}", flush=True)
+                continue
+            spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=args.warmup,
+                        steps=args.steps, ckpt="offload", cpu=args.cpu)
+            r = run_worker(spec, args.timeout)
+            runs[key] = r
+            print(fmt(r), flush=True)
+    out: dict = {"runs": runs}
+    t, s = runs.get("tunery/qlora", {}), runs.get("standard/qlora", {})
+    if t.get("peak_gib") is not None:
+        out["tunery_peak_gib"] = t["peak_gib"]
+        out["peak_target_met"] = t["peak_gib"] <= TARGETS["peak_gib"]
+        if t.get("predicted_gib"):
+            out["planner_error"] = t["predicted_gib"] / t["peak_gib"] - 1
+    if t.get("tokens_per_s") and s.get("tokens_per_s"):
+        out["speed_over_standard"] = t["tokens_per_s"] / s["tokens_per_s"]
+        out["speed_target_met"] = out["speed_over_standard"] >= TARGETS["speed_ratio"]
+        if s.get("peak_gib"):
+            out["memory_over_standard"] = t["peak_gib"] / s["peak_gib"]
+    lg = runs.get("liger/qlora", {})
+    if t.get("tokens_per_s") and lg.get("tokens_per_s"):
+        out["speed_over_liger"] = t["tokens_per_s"] / lg["tokens_per_s"]
+    return out
+
+
+def part_context(args, stacks, modes) -> dict:
+    model = TINY if args.smoke else LLAMA_8B
+    cap = args.cap_gib
+    step = 256 if args.smoke else 4096
+    result: dict = {"cap_gib": cap}
+    deadline = time.time() + args.time_budget
+    for mode in modes:
+        for stack in stacks:
+            key = f"{stack}/{mode}"
+            why = available(stack, mode)
+            if why:
+                result[key] = {"skipped": why}
+                print(f"  {key:<40} skipped: {why}", flush=True)
+                continue
+            tried: list[dict] = []
+            trial = functools.partial(_context_trial, args, stack, mode, model, tried)
+
+            lo, hi = 0, None
+            if args.lengths:
+                for n in args.lengths:
+                    if trial(n):
+                        lo = max(lo, n)
+            else:
+                if stack == "tunery":
+                    start = CONTEXT_START[mode] if not args.smoke else 2048
+                    guess = _planner_max(model, mode, cap, step)
+                    order = [start] + ([guess] if guess > start else [])
+                else:
+                    order = [1024 if args.smoke else 16384]
+                n = order.pop(0)
+                while time.time() < deadline and len(tried) < args.max_trials:
+                    if trial(n):
+                        lo = n
+                        nxt = order.pop(0) if order else (2 * n if hi is None else (lo + hi) // 2)
+                    else:
+                        hi = n
+                        order = []
+                        nxt = (lo + hi) // 2 if lo else n // 2
+                    nxt = max(step, nxt // step * step)
+                    if hi is not None and (hi - lo) <= max(step, hi // 20):
+                        break
+                    if nxt in (lo, hi) or (args.smoke and nxt > 4096):
+                        break
+                    n = nxt
+            result[key] = {"longest_ok": lo, "first_failure": hi, "trials": tried,
+                           "target": TARGETS["context"].get(mode) if stack == "tunery" else None}
+            if stack == "tunery":
+                result[key]["target_met"] = lo >= TARGETS["context"][mode]
+                result[key]["planner_max"] = _planner_max(model, mode, cap, step)
+            print(f"  {key}: longest trained context {lo} tokens (first failure {hi})", flush=True)
+    return result
+
+
+def _context_trial(args, stack: str, mode: str, model: dict, tried: list, seq: int) -> bool:
+    spec = dict(stack=stack, mode=mode, seq=seq, batch=1, model=model, warmup=1, steps=0, cpu=args.cpu,
+                cap_gib=args.cap_gib, ckpt="offload" if stack == "tunery" else True,
+                docs=args.docs if stack == "tunery" else 1)
+    if stack == "tunery":
+        spec.update(tunery_long_settings(spec, args.cap_gib * GiB))
+    r = run_worker(spec, args.timeout)
+    tried.append(r)
+    print(fmt(r), flush=True)
+    return bool(r.get("ok"))
+
+
+def _planner_max(model: dict, mode: str, cap_gib: float, step: int) -> int:
+    from tunery.train.plan import CONTEXT_RESERVE, ModelShape, max_seq_len
+
+    spec = dict(model=model, mode=mode, seq=1, batch=1, mlp_chunk=8192, keep_on_gpu=0)
+    return max_seq_len(ModelShape.from_hf(model), planner_setup(spec), int(cap_gib * GiB - CONTEXT_RESERVE), step)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["speed", "context", "all"], default="speed")
+    ap.add_argument("--stacks", default="tunery,standard,liger")
+    ap.add_argument("--modes", default=None, help="qlora,lora16 (speed default: qlora)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
+    ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cap-gib", type=float, default=80.0, help="context part: GPU memory cap")
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="context part: try exactly these lengths")
+    ap.add_argument("--max-trials", type=int, default=6)
+    ap.add_argument("--docs", type=int, default=1,
+                    help="context part, tunery: split each row into this many documents (varlen attention). "
+                         "Memory is the same (flash attention keeps O(tokens)); attention compute drops by the "
+                         "factor: one 400k-token document is ~12 min of attention per step on an H200")
+    ap.add_argument("--time-budget", type=float, default=3000, help="context part: seconds per search")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per subprocess")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        try:
+            res = worker(spec)
+        except Exception as e:
+            res = {k: v for k, v in spec.items() if k != "model"}
+            oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+            res.update(ok=False, error="out of memory" if oom else repr(e)[:500],
+                       stderr_tail=traceback.format_exc()[-3000:])
+        Path(args.result).write_text(json.dumps(res))
+        return
+
+    import torch
+
+    if args.smoke:
+        args.cpu = args.cpu or not torch.cuda.is_available()
+        args.steps, args.warmup = min(args.steps, 2), 1
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    versions = {"torch": torch.__version__}
+    for mod in ("transformers", "peft", "triton", "bitsandbytes", "liger_kernel"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = None
+    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "versions": versions,
+                    "smoke": args.smoke, "targets": TARGETS}
+    print(f"device {report['device']}  {versions}", flush=True)
+    stacks = [s for s in args.stacks.split(",") if s]
+    if args.part in ("speed", "all"):
+        modes = (args.modes or "qlora").split(",")
+        print("== speed: seq 2048 x micro-batch 2" if not args.smoke else "== speed (smoke)", flush=True)
+        sp = part_speed(args, stacks, modes)
+        report["speed"] = sp
+        for k in ("tunery_peak_gib", "peak_target_met", "planner_error", "speed_over_standard", "speed_target_met",
+                  "memory_over_standard", "speed_over_liger"):
+            if k in sp:
+                v = sp[k]
+                print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}", flush=True)
+    if args.part in ("context", "all"):
+        modes = (args.modes or "qlora,lora16").split(",")
+        print(f"== context: micro-batch 1 under a {args.cap_gib:g} GiB cap", flush=True)
+        report["context"] = part_context(args, stacks, modes)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "memory.json").write_text(json.dumps(report, indent=2))
+        print(f"wrote {Path(out_dir) / 'memory.json'}")
+
+
+if __name__ == "__main__":
+    main()

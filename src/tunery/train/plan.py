@@ -1,0 +1,442 @@
+"""Memory planner: predicted peak GPU memory of a run, per component, without loading weights.
+
+    plan(config, gpu_mem_bytes) -> PlanReport        (reads config.json of base_model only)
+    plan_shapes(hf_config_dict, setup, gpu_mem)      (shape-only, for benchmarks)
+    format_report(report) -> str
+
+The model is a sum of explicit terms in bytes, for Tunery's decoder with its fused kernels on a GPU
+(fused norm+LoRA projections, flash varlen attention, fused MLP, fused linear cross-entropy).
+N = micro_batch x sequence_len tokens; H hidden, I intermediate, V vocab, L layers;
+u = N x H x 2 (one bf16 hidden-state tensor); a = q_dim / H, g = kv_dim / H, r = I / H.
+
+  weights      decoder-block linears: 16-bit = 2 B/param; NF4 = 0.5 B + absmax (4/64 B, or with
+               double quantization 1/64 + 4/(64 x 256) B); embeddings and LM head 16-bit (the input
+               embedding counts 0 when it sits in CPU memory); norms.
+  adapters     LoRA params r x (in + out) per adapted linear, fp32 weights + fp32 grads (8 B/param);
+               modules_to_save (and every param in full fine-tuning) count here too.
+  optimizer    AdamW: two fp32 states per trained param (8 B/param).
+  activations  what one block keeps for backward: S = (2 + 2a + 2g) u (its input, q, k, v, the
+               attention output, the MLP input) + 2r u (gate and up) unless the MLP recomputes
+               them or is chunked;
+               kept across blocks: L x S (checkpointing off), L x u (on: block inputs),
+               (keep_on_gpu + 2) x u (offload: the rest sits in pinned CPU memory);
+               plus the backward of one block: ACT_SCALE x (S + max(MLP, attention) + 2u), where the
+               MLP backward holds (4r + 1) x u (for a chunk of mlp_chunk tokens when chunked) and
+               attention (1 + a + 2g) u; plus OUTSIDE_U x u outside the blocks (last hidden state,
+               its gradient, the loss's saved gradient).
+  logits       fused linear cross-entropy: one chunk of bf16 logits, rows = 256 MiB / (2V) rounded
+               down to a power of 2 in [128, 8192] (kernels/cross_entropy.py), + u (hidden states
+               gathered when some labels are ignored).
+  other        FIXED_OVERHEAD (cuBLAS workspaces, allocator rounding) + the largest dequantized
+               weight twice (QLoRA: dequantized in forward and again in backward).
+
+The calibration constants (ACT_SCALE, OUTSIDE_U, FIXED_OVERHEAD) are set from peaks measured on
+one GPU (benchmarks/memory.py prints the prediction next to each measurement). The prediction is
+torch.cuda.max_memory_allocated; "fits" also leaves CONTEXT_RESERVE for the CUDA context and the
+caching allocator's fragmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+# calibration (see the module docstring)
+ACT_SCALE = 1.0
+OUTSIDE_U = 3.0
+FIXED_OVERHEAD = 256 * MiB
+CE_BYTES_PER_LOGIT = 2     # the fused loss keeps one bf16 logits chunk (gradients written over it)
+CONTEXT_RESERVE = 1 * GiB  # CUDA context + allocator slack when deciding "fits"
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ModelShape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool = False
+    name: str = "model"
+
+    @classmethod
+    def from_hf(cls, hf: Any, name: str | None = None) -> ModelShape:
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        if "text_config" in d and "hidden_size" not in d:
+            d = {**d["text_config"], "tie_word_embeddings": d.get("tie_word_embeddings", False)}
+        heads = d["num_attention_heads"]
+        return cls(vocab=d["vocab_size"], hidden=d["hidden_size"], intermediate=d["intermediate_size"],
+                   layers=d["num_hidden_layers"], heads=heads, kv_heads=d.get("num_key_value_heads") or heads,
+                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                   tied=bool(d.get("tie_word_embeddings", False)),
+                   name=name or d.get("_name_or_path") or d.get("model_type", "model"))
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear of one block."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def linear_params(self) -> int:
+        return sum(a * b for a, b in self.linear_dims().values())
+
+    def total_params(self) -> int:
+        emb = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * (self.linear_params() + 2 * self.hidden) + emb + self.hidden
+
+
+@dataclass
+class Setup:
+    """What the run does, as far as memory is concerned."""
+
+    seq_len: int = 2048
+    micro_batch: int = 1
+    adapter: str | None = "lora"        # lora | qlora | None (full fine-tuning)
+    lora_r: int = 16
+    targets: tuple[str, ...] = LINEARS
+    double_quant: bool = False
+    checkpointing: bool | str = False   # False | True | "offload"
+    weight_bytes: int = 2               # frozen base dtype (bf16)
+    train_bytes: int = 4                # trained params (fp32 adapters / master weights)
+    act_bytes: int = 2                  # activations (bf16)
+    mlp_chunk: int | None = None        # tokens per MLP chunk (None: not chunked)
+    keep_on_gpu: int = 0                # offload mode: block inputs kept on the GPU
+    embed_on_cpu: bool = False          # frozen input embedding held in CPU memory
+    modules_to_save: tuple[str, ...] = ()
+    mlp_recompute: bool = False         # fused MLP recomputes gate/up in backward (models.fused.set_mlp_recompute)
+    ce_chunk: int | None = None         # rows per loss chunk (None: the kernel's own choice)
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.micro_batch
+
+
+def _mode_name(mode: bool | str) -> str:
+    return {False: "off", True: "on", "offload": "offload"}.get(mode, str(mode))
+
+
+def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
+    """Component -> {bytes, and the sub-terms that make it}. Pure arithmetic on shapes."""
+    L, H, I, V = shape.layers, shape.hidden, shape.intermediate, shape.vocab  # noqa: E741
+    N = s.tokens
+    u = N * H * s.act_bytes
+    lin = shape.linear_params()
+    out: dict[str, dict[str, float]] = {}
+
+    # weights
+    if s.adapter == "qlora":
+        scale_b = (1 / 64 + 4 / (64 * 256)) if s.double_quant else 4 / 64
+        w_lin = L * lin * (0.5 + scale_b)
+    else:
+        w_lin = L * lin * (s.weight_bytes if s.adapter else s.train_bytes)
+    wb = s.weight_bytes if s.adapter else s.train_bytes
+    embed = 0 if s.embed_on_cpu else V * H * wb
+    head = 0 if shape.tied else V * H * wb
+    norms = (2 * L + 1) * H * wb
+    out["weights"] = {"bytes": w_lin + embed + head + norms, "linears": w_lin, "embed_tokens": embed,
+                      "lm_head": head, "norms": norms}
+
+    # adapters / trained params
+    dims = shape.linear_dims()
+    if s.adapter:
+        n_lora = L * sum(s.lora_r * (a + b) for name, (a, b) in dims.items() if name in s.targets)
+        n_extra = sum(V * H for m in s.modules_to_save if m in ("lm_head", "embed_tokens"))
+        trained = n_lora + n_extra
+        out["adapters"] = {"bytes": trained * 2 * s.train_bytes, "params": trained, "lora_params": n_lora}
+    else:
+        trained = shape.total_params()
+        out["adapters"] = {"bytes": trained * s.train_bytes, "params": trained, "lora_params": 0}  # the grads
+    out["optimizer"] = {"bytes": trained * 8, "states": 2}
+
+    # activations (see the module docstring)
+    a = shape.heads * shape.head_dim / H
+    g = shape.kv_heads * shape.head_dim / H
+    r = I / H
+    keep_gate_up = not (s.mlp_recompute or s.mlp_chunk)
+    saved = u * (2 + 2 * a + 2 * g + (2 * r if keep_gate_up else 0))
+    mlp_frac = min(1.0, s.mlp_chunk / N) if s.mlp_chunk else 1.0
+    backward = ACT_SCALE * (saved + max((4 * r + 1) * u * mlp_frac, (1 + a + 2 * g) * u) + 2 * u)
+    if not s.checkpointing:
+        kept = L * saved
+    elif s.checkpointing is True:
+        kept = L * u
+    else:
+        kept = min(L, s.keep_on_gpu + 2) * u
+    outside = OUTSIDE_U * u
+    host = (L - min(L, s.keep_on_gpu)) * u if s.checkpointing == "offload" else 0
+    out["activations"] = {"bytes": kept + backward + outside, "block_inputs": kept, "one_block": backward,
+                          "outside_blocks": outside, "host_bytes": host}
+
+    # logits
+    chunk = min(N, s.ce_chunk or ce_chunk_rows(V))
+    out["logits"] = {"bytes": chunk * V * CE_BYTES_PER_LOGIT + u, "chunk_tokens": chunk}
+
+    # other
+    scratch = 2 * max(a * b for a, b in dims.values()) * s.act_bytes if s.adapter == "qlora" else 0
+    out["other"] = {"bytes": FIXED_OVERHEAD + scratch, "dequant_scratch": scratch}
+    return out
+
+
+def ce_chunk_rows(vocab: int) -> int:
+    """Rows per chunk of the fused linear cross-entropy (kept in step with kernels/cross_entropy.py)."""
+    rows = (256 << 20) // max(1, 2 * vocab)
+    return max(128, min(8192, 1 << max(rows, 1).bit_length() - 1))
+
+
+def peak_bytes(shape: ModelShape, s: Setup) -> int:
+    return int(sum(c["bytes"] for c in estimate(shape, s).values()))
+
+
+def max_seq_len(shape: ModelShape, s: Setup, budget: int, step: int = 1024, cap: int = 1 << 24) -> int:
+    """Longest sequence (multiple of `step`) at s.micro_batch whose predicted peak fits `budget`."""
+    lo, hi = 0, cap // step
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if peak_bytes(shape, replace(s, seq_len=mid * step)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * step
+
+
+def best_keep_on_gpu(shape: ModelShape, s: Setup, budget: int) -> int:
+    """Offload mode: how many block inputs can stay on the GPU (fewer host copies) within `budget`."""
+    best = 0
+    for k in range(shape.layers + 1):
+        if peak_bytes(shape, replace(s, checkpointing="offload", keep_on_gpu=k)) <= budget:
+            best = k
+    return best
+
+
+@dataclass
+class PlanReport:
+    shape: ModelShape
+    setup: Setup
+    gpu_mem: int
+    components: dict[str, dict[str, float]]
+    peak: int
+    fits: bool
+    per_mode: dict[str, dict[str, int]] = field(default_factory=dict)
+    suggestions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.shape.name, "peak_bytes": self.peak, "gpu_mem_bytes": self.gpu_mem, "fits": self.fits,
+                "components": {k: int(v["bytes"]) for k, v in self.components.items()},
+                "per_mode": self.per_mode, "suggestions": self.suggestions}
+
+
+def plan_shapes(hf_config: Any, setup: Setup, gpu_mem_bytes: int, name: str | None = None) -> PlanReport:
+    """Shape-only planning from an HF config (dict or PretrainedConfig)."""
+    shape = ModelShape.from_hf(hf_config, name)
+    budget = gpu_mem_bytes - CONTEXT_RESERVE
+    comps = estimate(shape, setup)
+    peak = int(sum(c["bytes"] for c in comps.values()))
+    report = PlanReport(shape, setup, gpu_mem_bytes, comps, peak, peak <= budget)
+    chunk = setup.mlp_chunk or 8192
+    for mode in (False, True, "offload"):
+        s = replace(setup, checkpointing=mode, keep_on_gpu=0 if mode == "offload" else setup.keep_on_gpu)
+        mb = 0
+        while mb < 256 and peak_bytes(shape, replace(s, micro_batch=mb + 1)) <= budget:
+            mb += 1
+        report.per_mode[_mode_name(mode)] = {
+            "peak_bytes": peak_bytes(shape, s),
+            "max_micro_batch": mb,
+            "max_seq_len_mb1": max_seq_len(shape, replace(s, micro_batch=1), budget),
+            "max_seq_len_mb1_mlp_chunked": max_seq_len(shape, replace(s, micro_batch=1, mlp_chunk=chunk), budget),
+        }
+    _suggest(report, budget)
+    return report
+
+
+def _suggest(r: PlanReport, budget: int) -> None:
+    s, shape = r.setup, r.shape
+    if r.fits:
+        r.suggestions.append(f"fits: predicted peak {_gib(r.peak)} of {_gib(r.gpu_mem)}")
+        if s.checkpointing:
+            for mode in (False, True):
+                if mode == s.checkpointing or (mode is True and s.checkpointing is True):
+                    break
+                if peak_bytes(shape, replace(s, checkpointing=mode)) <= budget:
+                    r.suggestions.append(f"gradient_checkpointing: {str(mode).lower()} also fits and is faster "
+                                         f"(no recomputation)" if mode is False else
+                                         "gradient_checkpointing: true also fits (no host copies)")
+                    break
+        return
+    for mode in (False, True, "offload"):
+        for chunk in (None, 8192):
+            t = replace(s, checkpointing=mode, mlp_chunk=chunk or s.mlp_chunk)
+            if peak_bytes(shape, t) <= budget:
+                extra = f", MLP chunked by {chunk} tokens" if chunk else ""
+                r.suggestions.append(f"gradient_checkpointing: {_cfg_value(mode)}{extra} fits at micro_batch_size "
+                                     f"{s.micro_batch} (predicted {_gib(peak_bytes(shape, t))})")
+                return
+    for mode in ("offload",):
+        t = replace(s, checkpointing=mode, mlp_chunk=s.mlp_chunk or 8192)
+        mb = s.micro_batch
+        while mb > 1 and peak_bytes(shape, replace(t, micro_batch=mb)) > budget:
+            mb -= 1
+        if peak_bytes(shape, replace(t, micro_batch=mb)) <= budget:
+            acc = math.ceil(s.micro_batch / mb)
+            r.suggestions.append(f"micro_batch_size: {mb} with gradient_accumulation_steps x{acc} and "
+                                 f"gradient_checkpointing: offload fits (predicted "
+                                 f"{_gib(peak_bytes(shape, replace(t, micro_batch=mb)))})")
+            return
+    longest = max_seq_len(shape, replace(s, micro_batch=1, checkpointing="offload", mlp_chunk=8192), budget)
+    if longest:
+        r.suggestions.append(f"does not fit at sequence_len {s.seq_len}; the longest that fits is about "
+                             f"{longest} tokens (micro_batch_size 1, offload, chunked MLP)")
+    else:
+        r.suggestions.append("the weights alone do not fit: use adapter: qlora with load_in_4bit, "
+                             "or more GPUs (fsdp)")
+    if s.adapter != "qlora" and s.adapter:
+        q = replace(s, adapter="qlora", double_quant=True)
+        if peak_bytes(shape, q) <= budget:
+            r.suggestions.append(f"adapter: qlora + load_in_4bit fits (predicted {_gib(peak_bytes(shape, q))})")
+
+
+def _cfg_value(mode: bool | str) -> str:
+    return "offload" if mode == "offload" else str(bool(mode)).lower()
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:.2f} GiB"
+
+
+def setup_from_config(cfg: Any, **overrides: Any) -> Setup:
+    """The memory-relevant settings of a tunery Config."""
+    from ..adapters import target_names
+
+    adapter = cfg.adapter
+    if adapter and cfg.load_in_4bit:
+        adapter = "qlora"
+    elif adapter == "qlora":
+        adapter = "lora"
+    half = cfg.fp16 or cfg.bf16 in (True, "auto")
+    kw = dict(seq_len=cfg.sequence_len, micro_batch=cfg.micro_batch_size, adapter=adapter, lora_r=cfg.lora_r,
+              targets=tuple(target_names(cfg.lora_target_modules, cfg.lora_target_linear)),
+              double_quant=cfg.bnb_4bit_use_double_quant, checkpointing=cfg.gradient_checkpointing,
+              weight_bytes=2 if half else 4, act_bytes=2 if half else 4,
+              modules_to_save=tuple(cfg.lora_modules_to_save or ()))
+    kw.update(overrides)
+    return Setup(**kw)
+
+
+def plan(config: Any, gpu_mem_bytes: int | None = None, **setup_overrides: Any) -> PlanReport:
+    """Plan a run from a tunery Config (or a YAML path / dict). Reads config.json only."""
+    from transformers import AutoConfig
+
+    from ..config import load_config
+    from ..models import resolve_model_path
+
+    cfg = load_config(config)
+    path = resolve_model_path(cfg.base_model_config or cfg.base_model)
+    hf = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+    if gpu_mem_bytes is None:
+        gpu_mem_bytes = detect_gpu_memory()
+    report = plan_shapes(hf, setup_from_config(cfg, **setup_overrides), gpu_mem_bytes,
+                         name=str(cfg.base_model))
+    if cfg.fsdp:
+        report.notes.append("fsdp is set: this plan is for one GPU holding the whole model (no sharding)")
+    if not cfg.own_decoder or hf.model_type not in _own_types():
+        report.notes.append("the transformers fallback (not Tunery's decoder) uses more activation memory "
+                            "than predicted here")
+    return report
+
+
+def _own_types() -> set[str]:
+    from ..models.registry import OWN_FAMILIES
+
+    return set(OWN_FAMILIES)
+
+
+def detect_gpu_memory() -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory
+    except Exception:
+        pass
+    return 24 * GiB
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'24GiB', '80GB', '24g', '24' (GiB when no unit) -> bytes. 'g' alone means GiB, like nvidia-smi."""
+    if isinstance(text, int):
+        return text
+    t = str(text).strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if not num:
+        raise ValueError(f"--gpu-mem {text!r}: expected a size like 24GiB or 80GB")
+    if unit in ("", "g"):
+        unit = "gib"
+    if unit not in _UNITS:
+        raise ValueError(f"--gpu-mem {text!r}: unknown unit {unit!r} (use GiB, GB, MiB)")
+    return int(float(num) * _UNITS[unit])
+
+
+def format_report(r: PlanReport) -> str:
+    s, sh = r.setup, r.shape
+    c = r.components
+    lines = [f"Memory plan: {sh.name} ({sh.total_params() / 1e9:.2f}B params, {sh.layers} layers, hidden {sh.hidden}, "
+             f"vocab {sh.vocab})"]
+    what = {"qlora": "QLoRA (NF4" + (" + double quant" if s.double_quant else "") + ")", "lora": "LoRA (16-bit base)",
+            None: "full fine-tuning"}[s.adapter]
+    if s.adapter:
+        what += f", r={s.lora_r} on {len(s.targets)} module types"
+    lines.append(f"  {what}; {s.seq_len} tokens x micro-batch {s.micro_batch}; gradient checkpointing "
+                 f"{_mode_name(s.checkpointing)}" + (f"; MLP chunks of {s.mlp_chunk}" if s.mlp_chunk else ""))
+    w, a, act = c["weights"], c["adapters"], c["activations"]
+    detail = {
+        "weights": f"linears {_gib(w['linears'])}, embed_tokens {_gib(w['embed_tokens'])}"
+                   + (" (in CPU memory)" if s.embed_on_cpu else "") + f", lm_head {_gib(w['lm_head'])}",
+        "adapters": f"{a['params'] / 1e6:.1f}M trained params, weights + grads",
+        "optimizer": "AdamW, 2 fp32 states per trained param",
+        "activations": f"kept across blocks {_gib(act['block_inputs'])}, one block in backward {_gib(act['one_block'])}, "
+                       f"outside blocks {_gib(act['outside_blocks'])}"
+                       + (f"; {_gib(act['host_bytes'])} in CPU memory" if act["host_bytes"] else ""),
+        "logits": f"cross-entropy chunk of {int(c['logits']['chunk_tokens'])} tokens",
+        "other": "workspaces" + (f", dequantization scratch {_gib(c['other']['dequant_scratch'])}"
+                                 if c["other"]["dequant_scratch"] else ""),
+    }
+    label = {"optimizer": "optimizer state"}
+    for k, v in c.items():
+        lines.append(f"  {label.get(k, k):<16}{_gib(v['bytes']):>12}   {detail[k]}")
+    lines.append(f"  {'peak':<16}{_gib(r.peak):>12}   of {_gib(r.gpu_mem)} "
+                 f"({'fits' if r.fits else 'does NOT fit'}; {_gib(CONTEXT_RESERVE)} kept for the CUDA context)")
+    lines.append("  by checkpointing mode (same settings):")
+    for mode, m in r.per_mode.items():
+        lines.append(f"    {mode:<8} peak {_gib(m['peak_bytes']):>10}   max micro-batch {m['max_micro_batch']:>3}   "
+                     f"longest row at micro-batch 1: {m['max_seq_len_mb1']} tokens "
+                     f"({m['max_seq_len_mb1_mlp_chunked']} with the MLP chunked)")
+    for sug in r.suggestions:
+        lines.append(f"  -> {sug}")
+    for note in r.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def plan_cli(config_path: str, gpu_mem: str | None = None, overrides: list[str] | None = None) -> str:
+    """What `tunery plan CONFIG [--gpu-mem 24GiB] [key=value ...]` prints."""
+    from ..config import load_config
+
+    cfg = load_config(config_path, overrides)
+    return format_report(plan(cfg, parse_bytes(gpu_mem) if gpu_mem else None))
+
+
+__all__ = ["ModelShape", "PlanReport", "Setup", "best_keep_on_gpu", "estimate", "format_report", "max_seq_len",
+           "parse_bytes", "peak_bytes", "plan", "plan_cli", "plan_shapes", "setup_from_config"]

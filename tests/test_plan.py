@@ -1,0 +1,124 @@
+"""The memory planner: its byte counts match real objects, its modes order sensibly, its report prints."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tunery.train.plan import (
+    GiB,
+    ModelShape,
+    Setup,
+    estimate,
+    format_report,
+    max_seq_len,
+    parse_bytes,
+    peak_bytes,
+    plan,
+    plan_shapes,
+)
+
+LLAMA_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                tie_word_embeddings=False)
+TINY = dict(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256)
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * GiB
+    assert parse_bytes("24g") == 24 * GiB and parse_bytes("24") == 24 * GiB
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("512 MiB") == 512 << 20
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+
+
+def test_shape_counts_8b():
+    sh = ModelShape.from_hf(LLAMA_8B)
+    assert sh.total_params() == 8_030_261_248  # Llama-3.1-8B
+    e = estimate(sh, Setup(adapter="qlora", double_quant=True, lora_r=16))
+    assert e["adapters"]["lora_params"] == 41_943_040  # what peft reports for r=16 on all linears
+    assert e["weights"]["linears"] / GiB == pytest.approx(3.35, abs=0.01)
+
+
+def test_weight_and_adapter_bytes_match_real_objects():
+    """NF4 storage and LoRA parameter counts predicted == what quantize_model / inject_lora create."""
+    from tunery.adapters import LINEAR_NAMES, inject_lora
+    from tunery.models.decoder import CausalLM
+    from tunery.models.registry import decoder_config
+    from tunery.quant import quantize_model, quantized_bytes
+
+    sh = ModelShape.from_hf(TINY)
+    for dq in (False, True):
+        m = CausalLM(decoder_config(TINY))
+        inject_lora(m, list(LINEAR_NAMES), 8, 16)
+        quantize_model(m, double_quant=dq)
+        e = estimate(sh, Setup(adapter="qlora", lora_r=8, double_quant=dq))
+        real = quantized_bytes(m)
+        assert abs(e["weights"]["linears"] - real) / real < 0.01
+        n_lora = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
+        assert e["adapters"]["lora_params"] == n_lora
+        assert e["adapters"]["bytes"] == n_lora * 8 and e["optimizer"]["bytes"] == n_lora * 8
+
+
+def test_modes_and_chunking_order():
+    sh = ModelShape.from_hf(LLAMA_8B)
+    base = Setup(seq_len=8192, micro_batch=1, adapter="qlora", double_quant=True)
+    off, on, offload = (peak_bytes(sh, replace(base, checkpointing=m)) for m in (False, True, "offload"))
+    assert off > on > offload
+    assert peak_bytes(sh, replace(base, checkpointing="offload", mlp_chunk=2048)) < offload
+    assert peak_bytes(sh, replace(base, embed_on_cpu=True)) < peak_bytes(sh, base)
+    lora16 = peak_bytes(sh, replace(base, adapter="lora"))
+    assert lora16 - peak_bytes(sh, base) > 9 * GiB  # 16-bit base vs NF4
+    # a bigger budget never shortens the longest row
+    s = replace(base, checkpointing="offload", mlp_chunk=8192, embed_on_cpu=True)
+    assert max_seq_len(sh, s, 40 * GiB) <= max_seq_len(sh, s, 80 * GiB)
+    assert max_seq_len(sh, s, 79 * GiB) >= 400_000  # the 8B QLoRA long-context target is in reach
+
+
+def test_report_fits_and_suggestions():
+    s = Setup(seq_len=4096, micro_batch=8, adapter="lora", checkpointing=False)
+    small = plan_shapes(LLAMA_8B, s, 24 * GiB, name="llama-8b")
+    assert not small.fits and small.suggestions
+    text = format_report(small)
+    for word in ("weights", "adapters", "optimizer state", "activations", "logits", "does NOT fit"):
+        assert word in text
+    assert any("qlora" in x or "micro_batch_size" in x or "checkpointing" in x for x in small.suggestions)
+    big = plan_shapes(LLAMA_8B, replace(s, micro_batch=1, checkpointing=True), 141 * GiB)
+    assert big.fits and "fits" in format_report(big)
+    d = big.to_dict()
+    assert set(d["components"]) == {"weights", "adapters", "optimizer", "activations", "logits", "other"}
+    assert set(big.per_mode) == {"off", "on", "offload"}
+
+
+def test_plan_from_config_reads_only_config_json(tmp_path, tiny_llama):
+    cfg = {"base_model": str(tiny_llama), "adapter": "qlora", "load_in_4bit": True, "lora_r": 8,
+           "lora_target_linear": True, "sequence_len": 512, "micro_batch_size": 2,
+           "gradient_checkpointing": "offload", "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
+    r = plan(cfg, 8 * GiB)
+    assert r.setup.adapter == "qlora" and r.setup.checkpointing == "offload" and r.setup.tokens == 1024
+    assert r.shape.layers == 2 and r.fits
+    assert "QLoRA" in format_report(r)
+
+
+@pytest.mark.gpu
+def test_gpu_planner_within_15_percent():
+    """One QLoRA + offload step of a mid-size Llama on the GPU: measured peak vs the planner."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import memory as bench
+
+    model = dict(LLAMA_8B, num_hidden_layers=8)
+    for mode, seq, batch in (("qlora", 2048, 2), ("qlora", 32768, 1), ("lora16", 32768, 1)):
+        spec = dict(stack="tunery", mode=mode, seq=seq, batch=batch, model=model, warmup=2, steps=0,
+                    ckpt="offload", mlp_chunk=8192 if seq > 16384 else None)
+        res = bench.run_worker(spec, 900)
+        assert res.get("ok"), res
+        print(f"{mode} {seq}x{batch}: measured {res['peak_gib']:.2f} GiB, planner {res['predicted_gib']:.2f} GiB")
+        assert abs(res["predicted_gib"] / res["peak_gib"] - 1) <= 0.15
+    torch.cuda.empty_cache()
