@@ -118,9 +118,9 @@ def create_app(settings: StudioSettings) -> FastAPI:
                 merged[k] = v
         return merged
 
-    def checked_or_error(body: dict[str, Any], run_dir: Path | None = None) -> configs.Checked:
+    def checked_or_error(body: dict[str, Any]) -> configs.Checked:
         try:
-            return configs.check(compose(body), settings, run_dir)
+            return configs.check(compose(body), settings)
         except HTTPException as e:
             return configs.Checked({}, problems=[str(e.detail)])
 
@@ -162,10 +162,6 @@ def create_app(settings: StudioSettings) -> FastAPI:
         from ..config import Config
 
         return Config.model_json_schema()
-
-    @app.get("/api/system")
-    async def system():
-        return await asyncio.to_thread(sysinfo.snapshot)
 
     # ------------------------------------------------------------------ runs
     @app.get("/api/runs")
@@ -272,39 +268,35 @@ def create_app(settings: StudioSettings) -> FastAPI:
         return {"ok": c.ok, "problems": c.problems, "forbidden": c.forbidden, "yaml": c.yaml() if c.config else "",
                 "config": c.config}
 
-    @app.post("/api/config/preview")
-    async def config_preview(request: Request):
-        body = await body_json(request)
+    async def with_config(body: dict[str, Any], fn, *args) -> dict[str, Any]:
+        """Run a helper of another part (preview, planner) on the page's config; "not available" when absent."""
         c = await asyncio.to_thread(checked_or_error, body)
         if c.forbidden:
             raise HTTPException(403, "; ".join(c.forbidden))
         if c.cfg is None:
             return {"available": True, "ok": False, "problems": c.problems}
-        n = max(1, min(int(body.get("n") or 3), 10))
         try:
-            examples = await asyncio.to_thread(integrations.preview, c.cfg, n)
+            result = await asyncio.to_thread(fn, c.cfg, *args)
         except Unavailable as e:
             return {"available": False, "reason": str(e)}
         except Exception as e:  # data errors name the file, row and field
             return {"available": True, "ok": False, "problems": [f"{type(e).__name__}: {e}"]}
-        return {"available": True, "ok": True, "examples": examples}
+        return {"available": True, "ok": True, **result}
+
+    @app.post("/api/config/preview")
+    async def config_preview(request: Request):
+        body = await body_json(request)
+        try:
+            n = max(1, min(int(body.get("n") or 3), 10))
+        except (TypeError, ValueError):
+            raise HTTPException(400, "n must be a number of examples") from None
+        return await with_config(body, lambda cfg: {"examples": integrations.preview(cfg, n)})
 
     @app.post("/api/config/plan")
     async def config_plan(request: Request):
         body = await body_json(request)
-        c = await asyncio.to_thread(checked_or_error, body)
-        if c.forbidden:
-            raise HTTPException(403, "; ".join(c.forbidden))
-        if c.cfg is None:
-            return {"available": True, "ok": False, "problems": c.problems}
         gpu_mem = str(body.get("gpu_mem") or "").strip() or None
-        try:
-            result = await asyncio.to_thread(integrations.plan, c.cfg, gpu_mem)
-        except Unavailable as e:
-            return {"available": False, "reason": str(e)}
-        except Exception as e:
-            return {"available": True, "ok": False, "problems": [f"{type(e).__name__}: {e}"]}
-        return {"available": True, "ok": True, **result}
+        return await with_config(body, integrations.plan, gpu_mem)
 
     @app.post("/api/uploads")
     async def upload(request: Request, filename: str):
