@@ -469,7 +469,7 @@ def test_plan_answers_or_says_unavailable(runs_dir):
         if d["available"]:
             assert d["ok"] and isinstance(d["fits"], bool) and d["report"], d
         else:
-            assert "tunery.plan" in d["reason"]
+            assert "tunery.train.plan" in d["reason"]
 
 
 def test_gpu_stats_from_nvidia_smi(tmp_path, monkeypatch):

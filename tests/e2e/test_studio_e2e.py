@@ -111,6 +111,13 @@ def test_new_run_watch_stop_chat_export(studio, browser, e2e_data, shot):
         trained = page.text_content(".example .trained")
         assert trained.strip()
     shot(page, "02-new-run-laptop")
+    # The memory planner's verdict for a given GPU size (or a clear "not available").
+    page.click(".tabs button[data-tab=plan]")
+    page.fill("#gpu-mem", "24GiB")
+    page.click("#plan-btn")
+    page.wait_for_selector("#plan-out .notice", timeout=60_000)
+    if "not available" not in page.text_content("#plan-out"):
+        assert "Fits in memory" in page.text_content("#plan-out") and "peak" in page.text_content("#plan-out pre")
     phase("form, validation, preview")
 
     # --- launch: the run page shows it live

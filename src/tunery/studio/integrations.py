@@ -53,7 +53,7 @@ def features(max_age_s: float = 30.0) -> dict[str, bool]:
 def _features_now() -> dict[str, bool]:
     return {
         "preview": available("tunery.data", "preview"),
-        "plan": available("tunery.plan", "plan"),
+        "plan": available("tunery.train.plan", "plan"),
         "chat": available("tunery.inference", "load_for_inference"),
         "merge": available("tunery.export.merge", "merge_run"),
         "export": available("tunery.export", "export_run"),
@@ -119,11 +119,12 @@ def _example(ex: dict[str, Any], tok) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- planner
 def plan(cfg, gpu_mem: str | None) -> dict[str, Any]:
-    plan_fn = _attr("tunery.plan", "plan")
-    fmt = _attr("tunery.plan", "format_report")
-    size = _attr("tunery.plan", "parse_size")(gpu_mem) if gpu_mem else None
+    """The memory planner's verdict and report (`tunery plan`)."""
+    plan_fn = _attr("tunery.train.plan", "plan")
+    fmt = _attr("tunery.train.plan", "format_report")
+    size = _attr("tunery.train.plan", "parse_bytes")(gpu_mem) if gpu_mem else None
     report = plan_fn(cfg, size)
-    return {"fits": bool(getattr(report, "fits", False)), "report": fmt(report)}
+    return {"fits": bool(report.fits), "report": fmt(report)}
 
 
 # ---------------------------------------------------------------------------- export

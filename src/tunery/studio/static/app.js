@@ -257,7 +257,7 @@ async function pageNew(view) {
     preview: h("div", { id: "tab-preview" }, h("div", { class: "muted" }, "See how a few examples are rendered and which tokens are trained."),
       h("button", { type: "button", class: "btn", id: "preview-btn", style: { marginTop: "10px" } }, "Show examples")),
     plan: h("div", { id: "tab-plan", class: "hidden" },
-      h("div", { class: "row" }, h("input", { type: "text", id: "gpu-mem", placeholder: "GPU memory, e.g. 24GiB (default: this GPU)", style: { flex: "1", minWidth: "0" } }),
+      h("div", { class: "row" }, h("input", { type: "text", id: "gpu-mem", placeholder: "GPU memory, e.g. 24GiB (default: this GPU's)", style: { flex: "1", minWidth: "0" } }),
         h("button", { type: "button", class: "btn", id: "plan-btn" }, "Plan memory")),
       h("div", { id: "plan-out", style: { marginTop: "10px" } })),
     yaml: h("div", { id: "tab-yaml", class: "hidden" }, h("pre", { class: "box light", id: "yaml-out" }, ""),
