@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--port", type=int, default=7860)
     st.add_argument("--runs-dir", default="./runs")
     st.add_argument("--auth-token", default=None, help="required when binding to anything but loopback")
+    st.add_argument("--data-root", action="append", default=None, help="extra folder the Studio may read data from")
+    st.add_argument("--model-root", action="append", default=None, help="extra folder the Studio may read models from")
+    st.add_argument("--max-upload-mb", type=int, default=None, help="largest dataset upload")
     st.set_defaults(fn=cmd_studio)
     return p
 
