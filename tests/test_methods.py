@@ -487,3 +487,37 @@ def test_reference_modes_are_named():
     with pytest.raises(RuntimeError, match="precomputed"):
         with Reference("precomputed").use(tiny_model()):
             pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: the fused decoder path honours the adapter switch (run: pytest tests/test_methods.py -m gpu)
+
+
+@pytest.mark.gpu
+def test_adapter_off_reference_on_the_fused_gpu_path():
+    from tunery.methods.sequences import forward_hidden, sequence_logps
+    from tunery.models.decoder import set_fused as set_blocks_fused
+    from tunery.models.fused import set_fused
+
+    m, base = lora_model()
+    dpo = DPO(beta=0.1)
+    assert dpo.setup(m)["reference"] == "adapter_off"
+    perturb_lora(m)
+    m, base = m.cuda(), base.cuda()
+    set_fused(m, True)
+    set_fused(base, True)
+    rows = pref_rows(seed=21, n=4)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in collate_preference(rows).items()}
+    with torch.no_grad():
+        rc, rr = dpo.reference_logps(m, batch)
+        s = sequence_logps(base, forward_hidden(base, batch), batch, 8).sums
+        pol = sequence_logps(m, forward_hidden(m, batch), batch, 8).sums
+    assert torch.allclose(torch.cat([rc, rr]), s, atol=2e-3)
+    assert not torch.allclose(pol, s, atol=1e-2)
+    loss, metrics = dpo.loss(m, batch, 4)
+    loss.backward()
+    cpu_m = copy.deepcopy(m).cpu()
+    set_blocks_fused(cpu_m, False)  # blocks only: the process-wide kernel switch stays on
+    cpu_loss, _ = dpo.loss(cpu_m, collate_preference(rows), 4)
+    assert abs(loss.item() - cpu_loss.item()) < 2e-3
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)

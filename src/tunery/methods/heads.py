@@ -39,6 +39,7 @@ def attach_score_head(model: nn.Module, num_labels: int, bias: bool, seed: int =
 
 
 def apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """head(hidden) in float32 (scores are few; precision matters more than the cast)."""
+    """head(hidden) in float32, also under autocast (scores are few; precision matters more than the cast)."""
     bias = head.bias.float() if head.bias is not None else None
-    return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
