@@ -81,6 +81,11 @@ def check(name: str, make, c) -> None:
         assert err < TOL, f"{name}: gradient of {k} differs by {err}"
     norm = dist_util.clip_grad_norm([p for _, p in params], None)
     assert abs(norm - ref_norm) < 1e-4 * max(1.0, ref_norm), f"{name}: grad norm {norm} vs {ref_norm}"
+    if c.fsdp:  # an eval forward leaves the root gathered; reshard() brings back the shards
+        with torch.no_grad():
+            loss_of(run, data[0], n)
+        dist_util.reshard(model)
+        assert all(hasattr(p, "to_local") for _, p in trainable_parameters(model)), f"{name}: not resharded"
     if rank == 0:
         print(f"ok {name}", flush=True)
 

@@ -38,7 +38,7 @@ class Runs:
             "datasets": [{"path": str(data), "type": "alpaca", "field_instruction": "question",
                           "field_output": "answer"}],
             "sequence_len": 128, "excess_length_strategy": "truncate", "micro_batch_size": 1, "gradient_accumulation_steps": 4, "max_steps": 4,
-            "learning_rate": 1e-3, "save_steps": 2, "seed": 7, "val_set_size": 0, "logging_steps": 1,
+            "learning_rate": 1e-3, "save_steps": 2, "seed": 7, "val_set_size": 4, "eval_steps": 2, "logging_steps": 1,
             "progress_bar": False, "dataset_prepared_path": str(root / "prepared"),
         }))
         self.done: dict[str, Path] = {}
@@ -62,8 +62,8 @@ def runs(tmp_path_factory, tiny_llama, gsm8k_small) -> Runs:
     return Runs(tmp_path_factory.mktemp("dist"), tiny_llama, gsm8k_small)
 
 
-def rows(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+def rows(run: Path, key: str = "loss") -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r}
 
 
 def assert_same_curve(a: Path, b: Path, steps: list[int]) -> None:
@@ -73,6 +73,10 @@ def assert_same_curve(a: Path, b: Path, steps: list[int]) -> None:
         assert abs(ra[s]["grad_norm"] - rb[s]["grad_norm"]) < 1e-4 * max(1.0, ra[s]["grad_norm"]), s
         assert ra[s]["trained_tokens"] == rb[s]["trained_tokens"], s
         assert ra[s]["lr"] == pytest.approx(rb[s]["lr"]), s
+    ea, eb = rows(a, "eval_loss"), rows(b, "eval_loss")  # eval at steps 2 and 4 (and a save right after)
+    for s in steps:
+        if s in ea:
+            assert abs(ea[s]["eval_loss"] - eb[s]["eval_loss"]) < 1e-5, (s, ea[s], eb[s])
 
 
 def assert_same_tensors(a: Path, b: Path, atol: float = 1e-5) -> None:
@@ -101,7 +105,9 @@ def test_lora_two_processes_match_one(runs):
     one = runs.run("lora-1", 1, *LORA)
     fsdp = runs.run("lora-2-fsdp", 2, *LORA, "gradient_accumulation_steps=2", FSDP)
     assert_same_curve(one, fsdp, [1, 2, 3, 4])
-    assert_same_tensors(one / "adapter" / "adapter_model.safetensors", fsdp / "adapter" / "adapter_model.safetensors")
+    # lr 1e-2 Adam steps turn float-rounding differences of tiny gradients into ~1e-5 weight differences
+    assert_same_tensors(one / "adapter" / "adapter_model.safetensors", fsdp / "adapter" / "adapter_model.safetensors",
+                        atol=1e-4)
     cfg = json.loads((fsdp / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
     # the checkpoint holds only trainable tensors (no frozen base, no tied lm_head) plus the adapter
@@ -129,7 +135,8 @@ def test_resume_lora_across_world_sizes(runs):
     down = runs.run("lora-2to1", 1, *LORA, f"resume_from_checkpoint={two / 'checkpoints' / 'step-2'}")
     for r in (up, down):
         assert_same_curve(one, r, [3, 4])
-        assert_same_tensors(one / "adapter" / "adapter_model.safetensors", r / "adapter" / "adapter_model.safetensors")
+        assert_same_tensors(one / "adapter" / "adapter_model.safetensors", r / "adapter" / "adapter_model.safetensors",
+                            atol=1e-4)
 
 
 def test_gradients_match_one_process_at_tensor_level():

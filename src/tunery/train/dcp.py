@@ -38,8 +38,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .checkpoint import _fsync_dir, load_checkpoint, rng_state, set_rng_state
+from .distributed import reshard
 from .optim import trainable_parameters
-from .parallel import FSDPModule, is_sharded, sharded_state_dicts
+from .parallel import is_sharded, sharded_state_dicts
 
 DCP_DIR = "dcp"
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)
@@ -84,6 +85,7 @@ def save(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, trainer_state: 
     """
     ckpt_dir = Path(ckpt_dir)
     rank = _rank()
+    reshard(model)  # after an eval forward the root holds gathered parameters
     tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp-dist"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -161,6 +163,7 @@ def load(ckpt_dir: Path, model: nn.Module, optimizer, scheduler) -> dict[str, An
     every rank calls it. Returns trainer_state.json."""
     ckpt_dir = Path(ckpt_dir)
     trainer_state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    reshard(model)
     if (ckpt_dir / DCP_DIR).is_dir():
         _load_dcp(ckpt_dir, model, optimizer)
     elif is_sharded(model):
@@ -235,9 +238,7 @@ def consolidated(model: nn.Module, trainable_only: bool) -> Iterator[bool]:
     if not is_sharded(model):
         yield _rank() == 0
         return
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()  # eval leaves the root gathered; swap against the sharded parameters
+    reshard(model)  # eval leaves the root gathered; swap against the sharded parameters
     main = _rank() == 0
     full: dict[int, nn.Parameter] = {}
     for _, p in model.named_parameters():  # the same order on every rank; tied weights once
@@ -261,4 +262,4 @@ def consolidated(model: nn.Module, trainable_only: bool) -> Iterator[bool]:
         _barrier()
 
 
-__all__ = ["DCP_DIR", "consolidated", "is_sharded", "load", "save", "sharded_state_dicts"]
+__all__ = ["DCP_DIR", "consolidated", "is_sharded", "load", "reshard", "save", "sharded_state_dicts"]

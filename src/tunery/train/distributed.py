@@ -132,6 +132,21 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
     return float(total)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP: put every module back on its sharded parameters. A forward without backward (eval, a
+    method's setup) leaves the root gathered, and then `model.parameters()` are the gathered copies,
+    not the shards the optimizer and checkpoints must see. No-op without FSDP."""
+    import sys
+
+    if "torch.distributed.fsdp" not in sys.modules:
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -226,6 +226,7 @@ class Trainer:
         steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / per_step))
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
         warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
+        dist_util.reshard(self.model)  # FSDP: setup's eval forwards leave the root gathered; optimize the shards
         optimizer = build_optimizer(self.model, cfg)
         scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, warmup, cfg.cosine_min_lr_ratio)
 
