@@ -163,3 +163,23 @@ def test_gpu_offload_lowers_peak_memory():
     u = 16384 * 1024 * 2
     assert peaks[("offload", None)] < peaks[(True, None)] - 4 * u  # 8 block inputs -> at most ~3 on the GPU
     assert peaks[("offload", 2048)] < peaks[("offload", None)]
+
+
+def test_fused_block_path_with_nf4_offload_and_chunks(monkeypatch):
+    """The decoder's fused path (fused norm+LoRA, fused MLP; plain-PyTorch rows on CPU) over NF4
+    weights: offload and MLP chunks (wrapping forward_fused) give the plain gradients."""
+    import tunery.kernels.lora as kl
+    import tunery.models.decoder as dec
+    from tunery.quant import quantize_model
+
+    base = _model(dropout=0.0)
+    quantize_model(base)
+    monkeypatch.setattr(dec, "use_triton_for", lambda x, *a, **k: True)  # take Block._forward_fused on CPU
+    calls = []
+    orig = kl.FusedMLPFunction.apply
+    monkeypatch.setattr(kl.FusedMLPFunction, "apply", lambda *a: calls.append(1) or orig(*a))
+    _, g0 = _grads(base, False)
+    assert calls, "the fused MLP path was not taken"
+    for mode in (True, "offload"):
+        _, g = _grads(base, mode, chunk=16)
+        assert _max_diff(g, g0) < 1e-5, mode
