@@ -1,6 +1,6 @@
 """Data pipeline throughput: examples/s of prepare_data on GSM8K (alpaca-style rows, packing on).
 
-    TUNERY_CACHE=/tmp/tcache python benchmarks/data_throughput.py [--data FILE] [--repeats 3] [--num-proc N]
+    TUNERY_CACHE=/tmp/tcache python benchmarks/data_throughput.py [--data FILE] [--repeats 5] [--num-proc N]
 
 Each repeat builds from scratch (fresh cache folder): read, render with the tokenizer's chat template,
 tokenize, mask, pack, write the cache. A final run reads the cache back. Prints one JSON line per
@@ -38,7 +38,7 @@ def cpu_seconds() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--num-proc", type=int, default=None)
     ap.add_argument("--sequence-len", type=int, default=2048)
     ap.add_argument("--no-packing", action="store_true")
