@@ -123,7 +123,7 @@ def create_app(model: Any, tokenizer: Any, model_name: str = "tunery", api_key: 
             batcher.submit(r)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
-        name = body.get("model") or model_name
+        name = model_name
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_sse(reqs, cid, now, name, include_usage, request),
