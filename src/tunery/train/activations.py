@@ -327,17 +327,24 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return list(layers) if layers is not None else []
 
 
-def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk: int | None = None,
+DEFAULT_MLP_CHUNK = 8192
+
+
+def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk: int | str | None = "auto",
                         keep_on_gpu: int = 0) -> Callable | None:
     """Set gradient checkpointing for `model` (Tunery's decoder, or the transformers fallback).
 
     mode: False/None (off), True (recompute per block), "offload" (recompute, block inputs in CPU
-    memory). `mlp_chunk` (tokens) also chunks the MLP of longer rows; `keep_on_gpu` keeps the inputs
-    of the last N blocks on the GPU (offload mode; what the memory planner suggests when they fit).
-    Returns the installed checkpoint function (an OffloadCheckpoint for "offload").
+    memory). `mlp_chunk` (tokens): MLPs of rows longer than this run in chunks (exact; only rows
+    longer than the chunk are affected); "auto" = 8192 when checkpointing is on, else off.
+    `keep_on_gpu` keeps the inputs of the last N blocks on the GPU (offload mode; the memory planner's
+    `best_keep_on_gpu` says how many fit). Returns the installed checkpoint function (an
+    OffloadCheckpoint for "offload").
     """
     if mode not in (None, False, True, "offload"):
         raise ValueError(f"gradient_checkpointing must be true, false or offload, got {mode!r}")
+    if mlp_chunk == "auto":
+        mlp_chunk = DEFAULT_MLP_CHUNK if mode else None
     body = getattr(model, "model", None)
     if body is None or not hasattr(body, "checkpoint_fn"):
         hf = getattr(model, "hf", None)

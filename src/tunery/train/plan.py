@@ -325,7 +325,8 @@ def setup_from_config(cfg: Any, **overrides: Any) -> Setup:
               targets=tuple(target_names(cfg.lora_target_modules, cfg.lora_target_linear)),
               double_quant=cfg.bnb_4bit_use_double_quant, checkpointing=cfg.gradient_checkpointing,
               weight_bytes=2 if half else 4, act_bytes=2 if half else 4,
-              modules_to_save=tuple(cfg.lora_modules_to_save or ()))
+              modules_to_save=tuple(cfg.lora_modules_to_save or ()),
+              mlp_chunk=8192 if cfg.gradient_checkpointing else None)  # activations.py's "auto"
     kw.update(overrides)
     return Setup(**kw)
 
