@@ -36,7 +36,7 @@ def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
     otherwise). Called once, after quantization, adapters, kernels and activation checkpointing."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return model
-    if cfg.fsdp:
+    if cfg.fsdp or (cfg.dp_replicate_size or 1) > 1:  # dp_replicate_size alone asks for HSDP
         shard_model(model, cfg, device)
         return model
     return replicate_model(model, device)
@@ -184,6 +184,8 @@ class ReplicatedModel(nn.parallel.DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "module" or name.startswith("__"):
+                raise
             return getattr(self.module, name)
 
 
