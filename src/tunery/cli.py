@@ -68,9 +68,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from .config import load_config
     from .data import preprocess
+    from .models import load_tokenizer, resolve_model_path
 
     cfg = load_config(args.config, args.overrides)
-    preprocess(cfg, debug=args.debug, dump=args.dump, cfg_dir=Path(args.config).resolve().parent)
+    tokenizer = load_tokenizer(cfg.tokenizer_config or resolve_model_path(cfg.base_model))
+    preprocess(cfg, debug=args.debug, dump=args.dump, cfg_dir=Path(args.config).resolve().parent, tokenizer=tokenizer)
     return 0
 
 
@@ -204,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may also come after options (`train CONFIG --nproc 2 lora_r=8`)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
