@@ -68,7 +68,7 @@ def planner_setup(spec: dict):
     return Setup(seq_len=spec["seq"], micro_batch=spec["batch"], adapter="qlora" if spec["mode"] == "qlora" else "lora",
                  lora_r=16, double_quant=True, checkpointing=spec.get("ckpt", "offload"),
                  mlp_chunk=spec.get("mlp_chunk"), keep_on_gpu=spec.get("keep_on_gpu", 0),
-                 embed_on_cpu=spec.get("embed_on_cpu", True), mlp_recompute=True)
+                 embed_on_cpu=spec.get("embed_on_cpu", True), mlp_recompute=True, ignored_labels=False)
 
 
 def predict(spec: dict) -> float:

@@ -271,8 +271,12 @@ class _NF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight: NF4Weight, bias):
         ctx.weight = weight
-        w = weight.dequantize(x.dtype)
-        return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+        dev = x.device.type
+        # under autocast dequantize straight into the autocast dtype (no float32 copy of W to cast)
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        w = weight.dequantize(dtype)
+        x = x.to(dtype)
+        return F.linear(x, w, bias.to(dtype) if bias is not None else None)
 
     @staticmethod
     def backward(ctx, grad):

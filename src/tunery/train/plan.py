@@ -15,22 +15,23 @@ u = N x H x 2 (one bf16 hidden-state tensor); a = q_dim / H, g = kv_dim / H, r =
   adapters     LoRA params r x (in + out) per adapted linear, fp32 weights + fp32 grads (8 B/param);
                modules_to_save (and every param in full fine-tuning) count here too.
   optimizer    AdamW: two fp32 states per trained param (8 B/param).
-  activations  what one block keeps for backward: S = (2 + 2a + 2g) u (its input, q, k, v, the
-               attention output, the MLP input) + 2r u (gate and up) unless the MLP recomputes
-               them or is chunked;
-               kept across blocks: L x S (checkpointing off), L x u (on: block inputs),
-               (keep_on_gpu + 2) x u (offload: the rest sits in pinned CPU memory);
-               plus the backward of one block: ACT_SCALE x (S + max(MLP, attention) + 2u), where the
-               MLP backward holds (4r + 1) x u (for a chunk of mlp_chunk tokens when chunked) and
-               attention (1 + a + 2g) u; plus OUTSIDE_U x u outside the blocks (last hidden state,
-               its gradient, the loss's saved gradient).
-  logits       fused linear cross-entropy: one chunk of bf16 logits, rows = 256 MiB / (2V) rounded
-               down to a power of 2 in [128, 8192] (kernels/cross_entropy.py), + u (hidden states
-               gathered when some labels are ignored).
-  other        FIXED_OVERHEAD (cuBLAS workspaces, allocator rounding) + the largest dequantized
-               weight twice (QLoRA: dequantized in forward and again in backward).
+  activations  the peak is the larger of two moments:
+               backward of one block: kept inputs of the other blocks (checkpointing off: their
+               saved tensors S = (2 + 2a + 2g) u + 2r u for gate/up unless recomputed or chunked;
+               on: u each; offload: keep_on_gpu x u) + ACT_SCALE x max(MLP phase, attention phase):
+               MLP phase = S + incoming gradient u + (3r + 1) u for gate, up and dh (per chunk of
+               mlp_chunk tokens when chunked, + u for the chunked MLP's input gradient); attention
+               phase = S - u + 2u of gradients + FlashAttention-2's backward: do, dq, an fp32 dq
+               accumulator (2a u), GQA-expanded dk/dv (2a u) and dk, dv; + u prefetched (offload);
+               + the adapters' gradients and twice the largest dequantized weight (QLoRA);
+               end of forward (the loss): all kept inputs + 3u (last block output, final norm output,
+               the loss's gradient wrt it) + 2u more when labels are ignored (gathered rows, full-size
+               gradient) + one chunk of bf16 logits (rows = 256 MiB / (2V) rounded down to a power of
+               2 in [128, 8192], kernels/cross_entropy.py).
+  logits       that logits chunk, when the peak is at the loss.
+  other        FIXED_OVERHEAD (cuBLAS workspaces, allocator rounding) + the dequantization scratch.
 
-The calibration constants (ACT_SCALE, OUTSIDE_U, FIXED_OVERHEAD) are set from peaks measured on
+The calibration constants (ACT_SCALE, FIXED_OVERHEAD) are set from peaks measured on
 one GPU (benchmarks/memory.py prints the prediction next to each measurement). The prediction is
 torch.cuda.max_memory_allocated; "fits" also leaves CONTEXT_RESERVE for the CUDA context and the
 caching allocator's fragmentation.
@@ -47,7 +48,6 @@ MiB = 1 << 20
 
 # calibration (see the module docstring)
 ACT_SCALE = 1.0
-OUTSIDE_U = 3.0
 FIXED_OVERHEAD = 256 * MiB
 CE_BYTES_PER_LOGIT = 2     # the fused loss keeps one bf16 logits chunk (gradients written over it)
 CONTEXT_RESERVE = 1 * GiB  # CUDA context + allocator slack when deciding "fits"
@@ -112,6 +112,7 @@ class Setup:
     embed_on_cpu: bool = False          # frozen input embedding held in CPU memory
     modules_to_save: tuple[str, ...] = ()
     mlp_recompute: bool = False         # fused MLP recomputes gate/up in backward (models.fused.set_mlp_recompute)
+    ignored_labels: bool = True         # some labels are -100 (prompt masking): the loss gathers hidden states
     ce_chunk: int | None = None         # rows per loss chunk (None: the kernel's own choice)
 
     @property
@@ -151,37 +152,51 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
         n_extra = sum(V * H for m in s.modules_to_save if m in ("lm_head", "embed_tokens"))
         trained = n_lora + n_extra
         out["adapters"] = {"bytes": trained * 2 * s.train_bytes, "params": trained, "lora_params": n_lora}
-    else:
-        trained = shape.total_params()
-        out["adapters"] = {"bytes": trained * s.train_bytes, "params": trained, "lora_params": 0}  # the grads
+    else:  # full fine-tuning: the weights above are the trained params; their grads count here
+        trained, n_lora = shape.total_params(), 0
+        out["adapters"] = {"bytes": trained * s.train_bytes, "params": trained, "lora_params": 0}
     out["optimizer"] = {"bytes": trained * 8, "states": 2}
 
-    # activations (see the module docstring)
+    # activations, in units of u (see the module docstring)
     a = shape.heads * shape.head_dim / H
     g = shape.kv_heads * shape.head_dim / H
     r = I / H
-    keep_gate_up = not (s.mlp_recompute or s.mlp_chunk)
-    saved = u * (2 + 2 * a + 2 * g + (2 * r if keep_gate_up else 0))
-    mlp_frac = min(1.0, s.mlp_chunk / N) if s.mlp_chunk else 1.0
-    backward = ACT_SCALE * (saved + max((4 * r + 1) * u * mlp_frac, (1 + a + 2 * g) * u) + 2 * u)
+    frac = min(1.0, s.mlp_chunk / N) if s.mlp_chunk else 1.0
+    x_stack = 2 + 2 * a + 2 * g                       # x, q, k, v, attention output, MLP input
+    gate_up = 0.0 if (s.mlp_recompute or s.mlp_chunk) else 2 * r
+    block_saved = x_stack + gate_up
+    prefetch = 1.0 if s.checkpointing == "offload" else 0.0
+    mlp_bwd = (3 * r + 1) * frac + (1.0 if frac < 1 else 0.0)  # gate, up, dh (+ grad_x of a chunked MLP)
+    attn_bwd = 4 * a + (2 * a if g < a else 0.0) + 2 * g     # do, dq, fp32 dq accumulator, GQA dk/dv, dk, dv
+    mlp_phase = x_stack + gate_up + 1 + mlp_bwd + prefetch     # + the incoming gradient
+    attn_phase = (x_stack - 1) + 2 + attn_bwd + prefetch       # MLP input freed; two gradients in flight
+    block_bwd = ACT_SCALE * max(mlp_phase, attn_phase) * u
     if not s.checkpointing:
-        kept = L * saved
+        kept_bwd, kept_fwd = (L - 1) * block_saved * u, L * block_saved * u
     elif s.checkpointing is True:
-        kept = L * u
+        kept_bwd, kept_fwd = (L - 1) * u, L * u
     else:
-        kept = min(L, s.keep_on_gpu + 2) * u
-    outside = OUTSIDE_U * u
+        kept_bwd = kept_fwd = min(L, s.keep_on_gpu) * u
     host = (L - min(L, s.keep_on_gpu)) * u if s.checkpointing == "offload" else 0
-    out["activations"] = {"bytes": kept + backward + outside, "block_inputs": kept, "one_block": backward,
-                          "outside_blocks": outside, "host_bytes": host}
 
-    # logits
+    # the loss at the end of forward: last block output, final norm output, the loss's gradient of it
+    # (+ gathered hidden states and a full-size gradient when some labels are ignored), one logits chunk
     chunk = min(N, s.ce_chunk or ce_chunk_rows(V))
-    out["logits"] = {"bytes": chunk * V * CE_BYTES_PER_LOGIT + u, "chunk_tokens": chunk}
-
-    # other
-    scratch = 2 * max(a * b for a, b in dims.values()) * s.act_bytes if s.adapter == "qlora" else 0
-    out["other"] = {"bytes": FIXED_OVERHEAD + scratch, "dequant_scratch": scratch}
+    logits = chunk * V * CE_BYTES_PER_LOGIT
+    loss_act = kept_fwd + (3 + (2 if s.ignored_labels else 0)) * u
+    scratch = 2 * max(x * y for x, y in dims.values()) * s.act_bytes if s.adapter == "qlora" else 0
+    grads = trained * s.train_bytes
+    bwd_total = kept_bwd + block_bwd + grads + scratch
+    loss_total = loss_act + logits
+    at_loss = loss_total > bwd_total
+    params_b = trained * s.train_bytes if s.adapter else 0  # full fine-tuning: already in "weights"
+    out["adapters"] = {"bytes": params_b + (0 if at_loss else grads), "params": trained, "lora_params": n_lora}
+    static = out["weights"]["bytes"] + params_b + out["optimizer"]["bytes"] + FIXED_OVERHEAD
+    out["activations"] = {"bytes": loss_act if at_loss else kept_bwd + block_bwd, "block_inputs": kept_fwd,
+                          "one_block": block_bwd, "host_bytes": host, "peak_phase": "loss" if at_loss else "backward",
+                          "loss_phase_total": static + loss_total, "backward_phase_total": static + bwd_total}
+    out["logits"] = {"bytes": logits if at_loss else 0, "chunk_tokens": chunk, "chunk_bytes": logits}
+    out["other"] = {"bytes": FIXED_OVERHEAD + (0 if at_loss else scratch), "dequant_scratch": scratch}
     return out
 
 
@@ -405,19 +420,24 @@ def format_report(r: PlanReport) -> str:
     detail = {
         "weights": f"linears {_gib(w['linears'])}, embed_tokens {_gib(w['embed_tokens'])}"
                    + (" (in CPU memory)" if s.embed_on_cpu else "") + f", lm_head {_gib(w['lm_head'])}",
-        "adapters": f"{a['params'] / 1e6:.1f}M trained params, weights + grads",
+        "adapters": f"{a['params'] / 1e6:.1f}M trained params" + (", weights + grads" if act["peak_phase"] == "backward"
+                                                                    else " (no grads yet at the loss)"),
         "optimizer": "AdamW, 2 fp32 states per trained param",
-        "activations": f"kept across blocks {_gib(act['block_inputs'])}, one block in backward {_gib(act['one_block'])}, "
-                       f"outside blocks {_gib(act['outside_blocks'])}"
+        "activations": (f"kept block inputs {_gib(act['block_inputs'])}, one block's backward {_gib(act['one_block'])}"
+                        if act["peak_phase"] == "backward" else
+                        f"at the loss: kept block inputs {_gib(act['block_inputs'])} + last hidden states")
                        + (f"; {_gib(act['host_bytes'])} in CPU memory" if act["host_bytes"] else ""),
-        "logits": f"cross-entropy chunk of {int(c['logits']['chunk_tokens'])} tokens",
+        "logits": f"bf16 chunk of {int(c['logits']['chunk_tokens'])} rows"
+                  + ("" if c["logits"]["bytes"] else f" ({_gib(c['logits']['chunk_bytes'])}, not at the peak)"),
         "other": "workspaces" + (f", dequantization scratch {_gib(c['other']['dequant_scratch'])}"
                                  if c["other"]["dequant_scratch"] else ""),
     }
     label = {"optimizer": "optimizer state"}
     for k, v in c.items():
         lines.append(f"  {label.get(k, k):<16}{_gib(v['bytes']):>12}   {detail[k]}")
-    lines.append(f"  {'peak':<16}{_gib(r.peak):>12}   of {_gib(r.gpu_mem)} "
+    lines.append(f"  {'peak':<16}{_gib(r.peak):>12}   at the {act['peak_phase']} (loss moment "
+                 f"{_gib(act['loss_phase_total'])}, backward {_gib(act['backward_phase_total'])})")
+    lines.append(f"  {'':<16}{'':>12}   of {_gib(r.gpu_mem)} "
                  f"({'fits' if r.fits else 'does NOT fit'}; {_gib(CONTEXT_RESERVE)} kept for the CUDA context)")
     lines.append("  by checkpointing mode (same settings):")
     for mode, m in r.per_mode.items():
