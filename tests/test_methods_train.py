@@ -59,4 +59,10 @@ def test_preference_methods_train_end_to_end(rl, tiny_llama, hh_small, tmp_path)
         assert "accuracy" in steps[0] and "eval_accuracy" in evals[-1]
         heads = list(run.glob("**/score_head.safetensors"))
         assert heads, "the reward head is saved with the run"
+        from tunery.methods.heads import load_score_head
+        from tunery.models import load_model
+
+        lm = load_model(str(tiny_llama))
+        head = load_score_head(lm.model, str(heads[0]))
+        assert head.weight.shape == (1, 64) and head.bias is None
     assert (run / "adapter" / "adapter_model.safetensors").is_file()

@@ -43,3 +43,24 @@ def apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     bias = head.bias.float() if head.bias is not None else None
     with torch.autocast(hidden.device.type, enabled=False):
         return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+
+def load_score_head(model: nn.Module, path: str) -> nn.Linear:
+    """Attach the head saved with a reward-model run (`score_head.safetensors`, a file or the folder holding it)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "score_head.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no score head (reward-model runs write score_head.safetensors beside the "
+                                "adapter or model weights)")
+    state = {k.removeprefix("score."): v for k, v in load_file(str(p)).items()}
+    head = attach_score_head(model, int(state["weight"].shape[0]), bias="bias" in state)
+    with torch.no_grad():
+        head.weight.copy_(state["weight"].to(head.weight))
+        if head.bias is not None:
+            head.bias.copy_(state["bias"].to(head.bias))
+    return head
