@@ -68,7 +68,8 @@ def planner_setup(spec: dict):
     return Setup(seq_len=spec["seq"], micro_batch=spec["batch"], adapter="qlora" if spec["mode"] == "qlora" else "lora",
                  lora_r=16, double_quant=True, checkpointing=spec.get("ckpt", "offload"),
                  mlp_chunk=spec.get("mlp_chunk"), keep_on_gpu=spec.get("keep_on_gpu", 0),
-                 embed_on_cpu=spec.get("embed_on_cpu", True), mlp_recompute=True, ignored_labels=False)
+                 embed_on_cpu=spec.get("embed_on_cpu", True), mlp_recompute=True, ignored_labels=False,
+                 offload_strategy=spec.get("offload", "inputs"))
 
 
 def predict(spec: dict) -> float:
@@ -136,7 +137,7 @@ def build_tunery(spec: dict, device: str):
     except ImportError:
         pass
     apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"),
-                        keep_on_gpu=spec.get("keep_on_gpu", 0))
+                        keep_on_gpu=spec.get("keep_on_gpu", 0), offload=spec.get("offload", "inputs"))
     model.train()
     from tunery.kernels.cross_entropy import linear_cross_entropy
 
@@ -257,7 +258,7 @@ def worker(spec: dict) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * GiB / total))
     t0 = time.perf_counter()
-    if spec["stack"] == "tunery":
+    if spec["stack"].startswith("tunery"):
         model, step, autocast = build_tunery(spec, device)
         res["predicted_gib"] = round(predict(spec), 3)
     else:
@@ -341,7 +342,7 @@ def run_worker(spec: dict, timeout: int) -> dict:
 # ------------------------------------------------------------------------------------------ parts
 def available(stack: str, mode: str) -> str | None:
     """None when the stack can run, else why not."""
-    if stack == "tunery":
+    if stack.startswith("tunery"):
         return None
     import importlib.util
 
@@ -385,12 +386,17 @@ def part_speed(args, stacks, modes) -> dict:
                 print(f"  {key:<40} skipped: {why}", flush=True)
                 continue
             spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=args.warmup,
-                        steps=args.steps, ckpt="offload", cpu=args.cpu)
+                        steps=args.steps, ckpt="offload", cpu=args.cpu,
+                        offload="activations" if stack == "tunery_act" else "inputs")
             r = run_worker(spec, args.timeout)
             runs[key] = r
             print(fmt(r), flush=True)
     out: dict = {"runs": runs}
-    t, s = runs.get("tunery/qlora", {}), runs.get("standard/qlora", {})
+    variants = [r for k, r in runs.items() if k.startswith("tunery") and k.endswith("/qlora") and r.get("ok")]
+    fits = [r for r in variants if r.get("peak_gib") is None or r["peak_gib"] <= TARGETS["peak_gib"]]
+    t = max(fits or variants, key=lambda r: r.get("tokens_per_s") or 0, default={})  # fastest within the cap
+    out["tunery_variant"] = t.get("stack")
+    s = runs.get("standard/qlora", {})
     if t.get("peak_gib") is not None:
         out["tunery_peak_gib"] = t["peak_gib"]
         out["peak_target_met"] = t["peak_gib"] <= TARGETS["peak_gib"]
@@ -416,7 +422,8 @@ def part_context(args, stacks, modes) -> dict:
     for mode in modes:
         for stack in stacks:
             key = f"{stack}/{mode}"
-            why = available(stack, mode)
+            why = available(stack, mode) or ("long rows offload block inputs (stack tunery)"
+                                             if stack == "tunery_act" else None)
             if why:
                 result[key] = {"skipped": why}
                 print(f"  {key:<40} skipped: {why}", flush=True)
@@ -482,7 +489,9 @@ def _planner_max(model: dict, mode: str, cap_gib: float, step: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["speed", "context", "all"], default="speed")
-    ap.add_argument("--stacks", default="tunery,standard,liger")
+    ap.add_argument("--stacks", default="tunery,tunery_act,standard,liger",
+                    help="tunery (offload block inputs + recompute), tunery_act (offload every saved "
+                         "activation, no recompute), standard, liger")
     ap.add_argument("--modes", default=None, help="qlora,lora16 (speed default: qlora)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")
@@ -535,7 +544,7 @@ def main() -> None:
         print("== speed: seq 2048 x micro-batch 2" if not args.smoke else "== speed (smoke)", flush=True)
         sp = part_speed(args, stacks, modes)
         report["speed"] = sp
-        for k in ("tunery_peak_gib", "peak_target_met", "planner_error", "speed_over_standard", "speed_target_met",
+        for k in ("tunery_variant", "tunery_peak_gib", "peak_target_met", "planner_error", "speed_over_standard", "speed_target_met",
                   "memory_over_standard", "speed_over_liger"):
             if k in sp:
                 v = sp[k]

@@ -276,16 +276,133 @@ class _OffloadedBlock(torch.autograd.Function):
         return (x.grad if need_x else None), None, None, None, None
 
 
-class OffloadCheckpoint:
-    """The `checkpoint_fn` for mode "offload". One instance per model; keeps a pinned host pool."""
+class _Packed:
+    """What the saved-tensor hook keeps for one offloaded tensor: its group and index."""
 
-    def __init__(self, keep_on_gpu: int = 0, num_layers: int | None = None):
+    __slots__ = ("group", "i")
+
+    def __init__(self, group: _ActGroup, i: int):
+        self.group, self.i = group, i
+
+
+class _ActGroup:
+    """Every large tensor one block saves for backward, in pinned host memory (no recomputation).
+
+    Copies go out on the side stream during forward and come back together (prefetched while the
+    next block's backward runs) when the first of them is needed. Parameters, small tensors and
+    tensors shared by all blocks (rope tables, cu_seqlens) stay where they are.
+    """
+
+    def __init__(self, owner: OffloadCheckpoint, exclude: set[int], simulate: bool):
+        self.owner, self.exclude, self.simulate = owner, exclude, simulate
+        self.items: list[tuple[torch.Tensor, torch.Size, tuple[int, ...], torch.dtype, torch.device]] = []
+        self.keys: dict[tuple, int] = {}
+        self.gpu: list[torch.Tensor] | None = None
+        self.event = None
+        self.prev: weakref.ref | None = None
+        self.bytes = 0
+        self.alive: list[torch.Tensor] = []
+
+    def close(self) -> None:
+        """The block's forward is over: drop the device references (copies are stream-ordered)."""
+        self.alive.clear()
+        self.keys.clear()
+
+    def pack(self, t: torch.Tensor):
+        nbytes = t.numel() * t.element_size()
+        if (nbytes < self.owner.min_bytes or isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad)
+                or not (t.is_cuda or self.simulate) or t.untyped_storage().data_ptr() in self.exclude):
+            return t
+        span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+        if span != t.numel() or any(st < 0 for st in t.stride()):  # expanded / gapped views stay put
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        i = self.keys.get(key)
+        if i is None:
+            if t.is_cuda:
+                buf = self.owner.pool.get(span * t.element_size())
+                weakref.finalize(self, self.owner.pool.put, buf)
+                host = torch.as_strided(buf[: span * t.element_size()].view(t.dtype), t.shape, t.stride())
+                stream = self.owner.stream
+                stream.wait_stream(torch.cuda.current_stream(t.device))
+                with torch.cuda.stream(stream):
+                    host.copy_(t, non_blocking=True)
+                t.record_stream(stream)  # the block's memory is not reused before the copy has read it
+            else:  # simulate (tests on CPU): a plain copy
+                host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t)
+            i = len(self.items)
+            self.items.append((host, t.shape, t.stride(), t.dtype, t.device))
+            self.keys[key] = i
+            self.alive.append(t)  # until the block's forward ends: no address reuse can fool the dedup key
+            self.bytes += span * t.element_size()
+        return _Packed(self, i)
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        g = packed.group
+        g.load()
+        prev = g.prev() if g.prev is not None else None
+        if prev is not None:
+            prev.prefetch()
+        return g.gpu[packed.i]
+
+    def prefetch(self) -> None:
+        if self.gpu is not None:
+            return
+        if not self.items or self.items[0][4].type != "cuda":  # nothing offloaded, or simulated on CPU
+            self.gpu = [h.clone() for h, *_ in self.items]
+            return
+        stream = self.owner.stream
+        with torch.cuda.stream(stream):
+            self.gpu = [torch.empty_strided(shape, stride, dtype=dtype, device=dev).copy_(h, non_blocking=True)
+                        for h, shape, stride, dtype, dev in self.items]
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+
+    def load(self) -> None:
+        self.prefetch()
+        if self.event is not None:
+            main = torch.cuda.current_stream(self.gpu[0].device)
+            main.wait_event(self.event)
+            for t in self.gpu:
+                t.record_stream(main)
+            self.event = None
+
+
+class OffloadCheckpoint:
+    """The `checkpoint_fn` for mode "offload". One instance per model; keeps a pinned host pool.
+
+    Two strategies, picked per forward call by `strategy` ("inputs" by default):
+    - "inputs": only each block's input goes to host memory; the block is recomputed in backward.
+      Host memory L x u, PCIe traffic u per block each way, one extra forward of compute.
+    - "activations": every large tensor the block saves goes to host memory and comes back; no
+      recomputation. Host memory and PCIe traffic ~5u per block each way (Llama: input, q, k, v,
+      attention output, MLP input), no extra compute: faster when the copies hide behind the
+      block's compute, i.e. for wide models (hidden >= 3072) and rows of moderate length.
+    "auto" takes "activations" when the hidden size is >= 3072, the micro-batch has at most
+    `auto_max_tokens` tokens and the host copies (estimated 6u per block) fit in half of the free
+    host memory; "inputs" otherwise (long rows: host memory for 5u per block would run out).
+    """
+
+    def __init__(self, keep_on_gpu: int = 0, num_layers: int | None = None, strategy: str = "inputs",
+                 auto_max_tokens: int = 32768, min_bytes: int = 1 << 20, simulate: bool = False):
+        if strategy not in ("auto", "inputs", "activations"):
+            raise ValueError(f"offload strategy must be auto, inputs or activations, got {strategy!r}")
         self.keep_on_gpu = keep_on_gpu
         self.num_layers = num_layers
+        self.strategy = strategy
+        self.auto_max_tokens = auto_max_tokens
+        self.min_bytes = min_bytes
+        self.simulate = simulate  # tests: exercise the activation path on CPU with plain copies
         self.pool = PinnedPool()
         self._stream = None
         self._last: weakref.ref | None = None
+        self._last_group: weakref.ref | None = None
         self.layer_index: dict[int, int] = {}
+        self._param_ptrs: dict[int, set[int]] = {}
+        self.last_strategy: str | None = None
 
     @property
     def stream(self):
@@ -293,17 +410,36 @@ class OffloadCheckpoint:
             self._stream = torch.cuda.Stream()
         return self._stream
 
+    def pick(self, x: torch.Tensor) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        if not (x.is_cuda or self.simulate):
+            return "inputs"
+        hidden = x.shape[-1]
+        tokens = x.numel() // hidden
+        layers = self.num_layers or 1
+        host_need = 6 * x.numel() * x.element_size() * layers
+        if hidden >= 3072 and tokens <= self.auto_max_tokens and host_need <= _host_free() // 2:
+            return "activations"
+        return "inputs"
+
     def __call__(self, layer: nn.Module, x: torch.Tensor, rope: Any, cu_seqlens: torch.Tensor | None,
                  max_seqlen: int | None) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return layer(x, rope, cu_seqlens, max_seqlen)
         idx = self.layer_index.get(id(layer), 0)
         first = idx == 0
-        offload = x.is_cuda and (self.num_layers is None or idx < self.num_layers - self.keep_on_gpu)
+        offload = (x.is_cuda or self.simulate) and (self.num_layers is None or idx < self.num_layers - self.keep_on_gpu)
+        strategy = self.pick(x)
+        self.last_strategy = strategy
+        if strategy == "activations":
+            if not offload:
+                return layer(x, rope, cu_seqlens, max_seqlen)
+            return self._activations(layer, x, rope, cu_seqlens, max_seqlen, first)
         holder: list[_Saved] = []
 
         def factory(t):
-            s = _Saved(self, t, offload)
+            s = _Saved(self, t, offload and x.is_cuda)
             holder.append(s)
             return s
 
@@ -315,9 +451,41 @@ class OffloadCheckpoint:
         self._last = weakref.ref(holder[0])
         return y
 
+    def _activations(self, layer, x, rope, cu_seqlens, max_seqlen, first: bool) -> torch.Tensor:
+        key = id(layer)
+        if key not in self._param_ptrs:  # frozen 16-bit weights are saved by the matmuls: never copy them
+            self._param_ptrs[key] = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+        shared = {t.untyped_storage().data_ptr() for t in _tensors((rope, cu_seqlens))}
+        group = _ActGroup(self, self._param_ptrs[key] | shared, self.simulate)
+        group.prev = None if first else self._last_group
+        with torch.autograd.graph.saved_tensors_hooks(group.pack, _ActGroup.unpack):
+            y = layer(x, rope, cu_seqlens, max_seqlen)
+        group.close()
+        self._last_group = weakref.ref(group)
+        return y
+
     @property
     def host_bytes(self) -> int:
         return self.pool.total_bytes
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def _host_free() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 << 30
 
 
 # ------------------------------------------------------------------------------- entry point
@@ -331,15 +499,17 @@ DEFAULT_MLP_CHUNK = 8192
 
 
 def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk: int | str | None = "auto",
-                        keep_on_gpu: int = 0) -> Callable | None:
+                        keep_on_gpu: int = 0, offload: str = "inputs") -> Callable | None:
     """Set gradient checkpointing for `model` (Tunery's decoder, or the transformers fallback).
 
     mode: False/None (off), True (recompute per block), "offload" (recompute, block inputs in CPU
     memory). `mlp_chunk` (tokens): MLPs of rows longer than this run in chunks (exact; only rows
     longer than the chunk are affected); "auto" = 8192 when checkpointing is on, else off.
     `keep_on_gpu` keeps the inputs of the last N blocks on the GPU (offload mode; the memory planner's
-    `best_keep_on_gpu` says how many fit). Returns the installed checkpoint function (an
-    OffloadCheckpoint for "offload").
+    `best_keep_on_gpu` says how many fit). `offload` picks what goes to host memory in offload mode:
+    "inputs" (block inputs, recompute; the default), "activations" (everything a block saves, no
+    recompute) or "auto" (see OffloadCheckpoint). Returns the installed checkpoint function (an OffloadCheckpoint
+    for "offload").
     """
     if mode not in (None, False, True, "offload"):
         raise ValueError(f"gradient_checkpointing must be true, false or offload, got {mode!r}")
@@ -359,7 +529,7 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     if not mode:
         body.checkpoint_fn = None
     elif mode == "offload":
-        off = OffloadCheckpoint(keep_on_gpu, len(body.layers))
+        off = OffloadCheckpoint(keep_on_gpu, len(body.layers), strategy=offload)
         off.layer_index = {id(layer): i for i, layer in enumerate(body.layers)}
         body.checkpoint_fn = off
     else:

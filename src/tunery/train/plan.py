@@ -113,6 +113,7 @@ class Setup:
     modules_to_save: tuple[str, ...] = ()
     mlp_recompute: bool = False         # fused MLP recomputes gate/up in backward (models.fused.set_mlp_recompute)
     ignored_labels: bool = True         # some labels are -100 (prompt masking): the loss gathers hidden states
+    offload_strategy: str = "inputs"    # offload mode: "inputs" (recompute) or "activations" (activations.py)
     ce_chunk: int | None = None         # rows per loss chunk (None: the kernel's own choice)
 
     @property
@@ -165,7 +166,8 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
     x_stack = 2 + 2 * a + 2 * g                       # x, q, k, v, attention output, MLP input
     gate_up = 0.0 if (s.mlp_recompute or s.mlp_chunk) else 2 * r
     block_saved = x_stack + gate_up
-    prefetch = 1.0 if s.checkpointing == "offload" else 0.0
+    act_offload = s.checkpointing == "offload" and s.offload_strategy == "activations"
+    prefetch = (block_saved if act_offload else 1.0) if s.checkpointing == "offload" else 0.0
     mlp_bwd = (3 * r + 1) * frac + (1.0 if frac < 1 else 0.0)  # gate, up, dh (+ grad_x of a chunked MLP)
     attn_bwd = 4 * a + (2 * a if g < a else 0.0) + 2 * g     # do, dq, fp32 dq accumulator, GQA dk/dv, dk, dv
     mlp_phase = x_stack + gate_up + 1 + mlp_bwd + prefetch     # + the incoming gradient
@@ -175,9 +177,12 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
         kept_bwd, kept_fwd = (L - 1) * block_saved * u, L * block_saved * u
     elif s.checkpointing is True:
         kept_bwd, kept_fwd = (L - 1) * u, L * u
+    elif act_offload:  # every saved tensor of a block goes to host memory; kept blocks keep theirs
+        kept_bwd = min(L, s.keep_on_gpu) * block_saved * u
+        kept_fwd = kept_bwd + block_saved * u  # copies still in flight at the end of forward
     else:
         kept_bwd = kept_fwd = min(L, s.keep_on_gpu) * u
-    host = (L - min(L, s.keep_on_gpu)) * u if s.checkpointing == "offload" else 0
+    host = (L - min(L, s.keep_on_gpu)) * u * (block_saved if act_offload else 1) if s.checkpointing == "offload" else 0
 
     # the loss at the end of forward: last block output, final norm output, the loss's gradient of it
     # (+ gathered hidden states and a full-size gradient when some labels are ignored), one logits chunk
