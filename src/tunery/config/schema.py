@@ -27,6 +27,8 @@ class Config(
         problems: list[str] = []
         if self.adapter == "qlora" and not self.load_in_4bit:
             problems.append("adapter: qlora needs load_in_4bit: true (or use adapter: lora)")
+        if self.load_in_8bit:
+            problems.append("load_in_8bit is not supported yet; use load_in_4bit: true with adapter: qlora")
         if self.load_in_4bit and self.load_in_8bit:
             problems.append("load_in_4bit and load_in_8bit are both true; choose one")
         if (self.load_in_4bit or self.load_in_8bit) and self.adapter is None:

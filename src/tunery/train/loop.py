@@ -79,9 +79,12 @@ class Trainer:
         self.device, base_dtype, self.autocast = pick_device_dtype(cfg, self.local_rank)
         if (cfg.load_in_4bit or cfg.load_in_8bit) and not _quant_available():
             raise RuntimeError("load_in_4bit / adapter: qlora needs the quant module and a CUDA GPU in this version")
-        lm = load_model(cfg.base_model, base_dtype if not cfg.load_in_4bit else torch.float32, "cpu",
-                        own_decoder=cfg.own_decoder, tokenizer_path=cfg.tokenizer_config,
-                        trust_remote_code=cfg.trust_remote_code)
+        stream_4bit = cfg.load_in_4bit and self.device.type == "cuda" and cfg.own_decoder
+        if stream_4bit:
+            lm = _load_quantized(cfg, self.device, base_dtype)
+        else:
+            lm = load_model(cfg.base_model, base_dtype, "cpu", own_decoder=cfg.own_decoder,
+                            tokenizer_path=cfg.tokenizer_config, trust_remote_code=cfg.trust_remote_code)
         self.loaded = lm
         self.tokenizer = lm.tokenizer
         if cfg.special_tokens:
@@ -102,6 +105,10 @@ class Trainer:
                 from ..quant import quantize_model
 
                 quantize_model(model, compute_dtype=base_dtype, double_quant=cfg.bnb_4bit_use_double_quant)
+                if self.device.type == "cuda":
+                    from ..quant import offload_embedding
+
+                    offload_embedding(model)  # frozen, untied input embedding stays in CPU memory
         model.to(self.device)
         _configure_kernels(model, cfg)
         if cfg.gradient_checkpointing:
@@ -388,6 +395,33 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
+def _load_quantized(cfg: Config, device: torch.device, dtype: torch.dtype):
+    """QLoRA on a GPU: build on the meta device and quantize tensor by tensor while loading, so the
+    16-bit model never sits in GPU memory (models/ may not import quant/, so this lives here)."""
+    from transformers import AutoConfig
+
+    from ..models.decoder import CausalLM
+    from ..models.loading import LoadedModel, _reset_buffers, load_tokenizer
+    from ..models.registry import decoder_config, supports
+    from ..models.source import resolve_model_path
+    from ..quant import load_quantized
+
+    path = resolve_model_path(cfg.base_model)
+    hf_config = AutoConfig.from_pretrained(str(path))
+    tokenizer = load_tokenizer(cfg.tokenizer_config or path)
+    if not supports(hf_config):
+        from ..models import load_model
+
+        return load_model(cfg.base_model, dtype, "cpu", own_decoder=False, tokenizer_path=cfg.tokenizer_config,
+                          trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = CausalLM(decoder_config(hf_config))
+    load_quantized(model, path, device, dtype, double_quant=cfg.bnb_4bit_use_double_quant)
+    _reset_buffers(model)
+    model.tie_weights()
+    return LoadedModel(model.to(device), tokenizer, path, hf_config, True)
+
+
 def _quant_available() -> bool:
     try:
         from ..quant import quantize_model  # noqa: F401
@@ -402,7 +436,7 @@ def _configure_kernels(model: nn.Module, cfg: Config) -> None:
         from ..models.fused import compile_blocks, set_fused
     except ImportError:
         return
-    set_fused(model, cfg.kernels and next(model.parameters()).is_cuda)
+    set_fused(model, cfg.kernels)  # fused paths run on CUDA tensors; elsewhere the references run either way
     if cfg.torch_compile:
         compile_blocks(model)
 
