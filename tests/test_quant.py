@@ -268,7 +268,12 @@ def test_gpu_triton_dequant_matches_reference(double_quant):
     q = NF4Weight.from_tensor(w, double_quant)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         ref = dequantize_nf4_reference(q.packed, q.absmax, q.numel(), dtype, q.absmax2, q.absmax_offset)
-        assert torch.equal(q.dequantize(dtype).reshape(-1), ref)
+        out = q.dequantize(dtype).reshape(-1)
+        if double_quant and dtype == torch.float32:
+            # the kernel fuses scale2 * code + offset into one FMA: fp32 results may differ in the last bit
+            torch.testing.assert_close(out, ref, rtol=2**-22, atol=0)
+        else:
+            assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -309,6 +314,7 @@ def test_gpu_nf4_linear_keeps_no_dequantized_weight():
     layers = [NF4Weight.from_tensor(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02)
               for _ in range(8)]
     x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layers[0].linear(x.detach())  # first matmul allocates cuBLAS's workspace (32 MiB on Hopper): not ours
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     h = x
