@@ -208,16 +208,10 @@ def folder_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named tensors of a safetensors model folder, one at a time (never the whole model in memory)."""
     from safetensors import safe_open
 
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(folder.glob("*.safetensors")) if not p.name.startswith("adapter")]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no .safetensors weights")
-    for f in files:
-        with safe_open(str(folder / f), framework="pt") as fh:
+    from ..models.loading import weight_files
+
+    for f in weight_files(folder):
+        with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
                 yield k, fh.get_tensor(k)
 

@@ -33,10 +33,9 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All safetensors weights of an HF folder (sharded or not)."""
-    from safetensors.torch import load_file
-
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of an HF folder, sharded (index json) or not; adapters excluded."""
+    folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -45,9 +44,16 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise FileNotFoundError(f"{folder}: no .safetensors weights found (pytorch .bin files are not loaded: "
                                 "they can run code when unpickled)")
+    return [folder / f for f in files]
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All safetensors weights of an HF folder (sharded or not)."""
+    from safetensors.torch import load_file
+
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(folder / f)))
+    for f in weight_files(folder):
+        state.update(load_file(str(f)))
     return state
 
 
