@@ -475,9 +475,13 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     ceiling = matmul_ceiling_tflops(device)
     versions = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    for mod in ("transformers", "peft", "triton", "liger_kernel"):
+    from importlib.metadata import version as dist_version
+
+    for mod, dist in (("transformers", "transformers"), ("peft", "peft"), ("triton", "triton"),
+                      ("liger_kernel", "liger-kernel")):
         try:
-            versions[mod] = __import__(mod).__version__
+            __import__(mod)  # liger_kernel has no __version__: ask the distribution metadata
+            versions[mod] = dist_version(dist)
         except Exception:
             versions[mod] = None
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
