@@ -357,6 +357,34 @@ def test_kto_precompute_fixes_partners(tmp_path, monkeypatch):
     assert r0["ref_kl_logps"] == pytest.approx(float(want), abs=1e-5)
 
 
+def _collate_kto_passes_precomputed() -> bool:
+    rows = kto_rows(n=2)
+    for r in rows:
+        r.update(ref_logps=0.0, ref_kl_logps=0.0, kl_input_ids=[1, 2], kl_labels=[-100, 2])
+    b = collate_kto(rows)
+    return "ref_kl_logps" in b and b["input_ids"].shape[1] == sum(len(r["input_ids"]) for r in rows) + 4
+
+
+@pytest.mark.skipif(not _collate_kto_passes_precomputed(),
+                    reason="collate_kto does not pass ref_logps / ref_kl_logps / kl_input_ids through yet")
+def test_kto_precomputed_reference_matches_the_live_one(tmp_path, monkeypatch):
+    from tunery.data.types import PreparedData
+
+    monkeypatch.setenv("TUNERY_CACHE", str(tmp_path))
+    m, _ = lora_model()
+    rows = kto_rows(seed=6, n=4)
+    data = PreparedData(train=copy.deepcopy(rows), eval=None, fingerprint="k2", kind="kto")
+    pre = KTO(beta=0.2, precompute_ref_log_probs=True)
+    pre.setup(m, SimpleNamespace(micro_batch_size=4), data)
+    live = KTO(beta=0.2)
+    live.setup(m)
+    perturb_lora(m, seed=5)
+    got, gm = pre.loss(m, collate_kto(data.train), 4)
+    # the live reference on the same (fixed-partner) KL sequences
+    want, wm = live.loss(m, collate_kto([{k: v for k, v in r.items() if not k.startswith("ref_")} for r in data.train]), 4)
+    assert torch.allclose(got, want, atol=1e-5) and gm["kl"] == pytest.approx(wm["kl"], abs=1e-5)
+
+
 def test_kto_needs_two_rows_per_micro_batch():
     from tunery.config import Config
 
