@@ -24,15 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ..methods.grpo import GRPO, StepTotals, completion_logps, group_advantages, rollout_batch
 from ..methods.rewards import load_rewards, score
 from . import dcp as dist_ckpt
 from . import distributed as dist_util
-from .checkpoint import resolve_resume
 from .loop import StopRequested, Trainer, _progress, seed_everything
-from .manifest import build_manifest, write_json_atomic
+from .manifest import write_json_atomic
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
 from .schedule import build_scheduler, warmup_steps_for
@@ -385,27 +383,11 @@ class GRPOTrainer(Trainer):
         warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
         optimizer = build_optimizer(self.model, cfg)
         scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, warmup, cfg.cosine_min_lr_ratio)
-        start_step, tokens_seen, elapsed_before = 0, 0, 0.0
-        ckpt = resolve_resume(cfg.resume_from_checkpoint, self.run_dir)
-        if ckpt is not None:
-            state = dist_ckpt.load(ckpt, self.model, optimizer, scheduler)  # either layout, any world size
-            start_step, tokens_seen = state["step"], state.get("tokens_seen", 0)
-            elapsed_before = state.get("elapsed_s", 0.0)
-            if self.main:
-                print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
-
-        resolved = cfg.to_yaml_dict()
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-            manifest = build_manifest(resolved, self.data.files, self.data.fingerprint, str(self.loaded.path), self.world)
-            manifest["data"]["stats"] = self.data.stats
-            manifest["total_steps"] = total_steps
-            manifest["grpo"] = {"rewards": [{"name": r.name, "weight": r.weight} for r in self.rewards],
-                                "prompts_per_rollout": self.prompts_per_rollout * self.world,
-                                "completions_per_rollout": self.prompts_per_rollout * self.world * self.g.num_generations}
-            write_json_atomic(self.run_dir / "manifest.json", manifest)
-            self._status("running", start_step, total_steps)
+        ckpt, start_step, tokens_seen, elapsed_before = self.resume(optimizer, scheduler)
+        grpo = {"rewards": [{"name": r.name, "weight": r.weight} for r in self.rewards],
+                "prompts_per_rollout": self.prompts_per_rollout * self.world,
+                "completions_per_rollout": self.prompts_per_rollout * self.world * self.g.num_generations}
+        self.write_run_header(total_steps, start_step, {"grpo": grpo})
         logger = MetricsLogger(self.run_dir, cfg, enabled=self.main, resume_step=start_step if ckpt else None)
         bar = _progress(total_steps, start_step, self.main and cfg.progress_bar)
         self._install_signal_handlers()

@@ -237,25 +237,8 @@ class Trainer:
         optimizer = build_optimizer(self.model, cfg)
         scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, warmup, cfg.cosine_min_lr_ratio)
 
-        start_step, tokens_seen, elapsed_before = 0, 0, 0.0
-        ckpt = resolve_resume(cfg.resume_from_checkpoint, self.run_dir)
-        if ckpt is not None:
-            state = dist_ckpt.load(ckpt, self.model, optimizer, scheduler)  # either layout, any world size
-            start_step, tokens_seen = state["step"], state.get("tokens_seen", 0)
-            elapsed_before = state.get("elapsed_s", 0.0)
-            if self.main:
-                print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
-
-        resolved = cfg.to_yaml_dict()
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-            manifest = build_manifest(resolved, self.data.files, self.data.fingerprint, str(self.loaded.path), self.world)
-            manifest["data"]["stats"] = self.data.stats
-            manifest["total_steps"] = total_steps
-            write_json_atomic(self.run_dir / "manifest.json", manifest)
-            write_json_atomic(self.run_dir / "status.json", {"state": "running", "step": start_step,
-                                                              "total_steps": total_steps})
+        ckpt, start_step, tokens_seen, elapsed_before = self.resume(optimizer, scheduler)
+        self.write_run_header(total_steps, start_step)
         logger = MetricsLogger(self.run_dir, cfg, enabled=self.main, resume_step=start_step if ckpt else None)
         bar = _progress(total_steps, start_step, self.main and cfg.progress_bar)
         self._install_signal_handlers()
@@ -338,6 +321,31 @@ class Trainer:
                                                                   "total_steps": total_steps})
             dist_util.shutdown()
         return self.run_dir
+
+    def resume(self, optimizer, scheduler) -> tuple[Path | None, int, int, float]:
+        """Load `resume_from_checkpoint` if set: (checkpoint, step, tokens seen, seconds trained before)."""
+        ckpt = resolve_resume(self.cfg.resume_from_checkpoint, self.run_dir)
+        if ckpt is None:
+            return None, 0, 0, 0.0
+        state = dist_ckpt.load(ckpt, self.model, optimizer, scheduler)  # either layout, any world size
+        if self.main:
+            print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
+        return ckpt, state["step"], state.get("tokens_seen", 0), state.get("elapsed_s", 0.0)
+
+    def write_run_header(self, total_steps: int, start_step: int, extra: dict[str, Any] | None = None) -> None:
+        """config.yaml (resolved), manifest.json and status.json, written by rank 0 before step one."""
+        if not self.main:
+            return
+        resolved = self.cfg.to_yaml_dict()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        manifest = build_manifest(resolved, self.data.files, self.data.fingerprint, str(self.loaded.path), self.world)
+        manifest["data"]["stats"] = self.data.stats
+        manifest["total_steps"] = total_steps
+        manifest.update(extra or {})
+        write_json_atomic(self.run_dir / "manifest.json", manifest)
+        write_json_atomic(self.run_dir / "status.json", {"state": "running", "step": start_step,
+                                                          "total_steps": total_steps})
 
     def checkpoint(self, step, optimizer, scheduler, tokens_seen, elapsed) -> None:
         state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "world_size": self.world,
