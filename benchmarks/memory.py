@@ -14,7 +14,8 @@ Stacks, each configuration in its own subprocess:
 
 - tunery: own decoder + fused kernels; NF4 base with double quantization (quant/), the frozen input
   embedding in CPU memory, gradient checkpointing "offload" (block inputs in pinned CPU memory),
-  fused MLP recomputing gate/up, MLP chunked over the sequence for long rows; loss =
+  MLP chunked over the sequence for long rows (variants: tunery_rc, the fused MLP also recomputes
+  gate/up in backward; tunery_act, every other saved activation offloaded, no block recompute); loss =
   linear_cross_entropy(hidden_flat[:-1], model.head_weight, ids_flat[1:]) / n.
 - standard: transformers + peft + bitsandbytes QLoRA (Linear4bit nf4, double quant, bf16 compute),
   SDPA attention, non-reentrant gradient checkpointing, bf16 autocast, model(..., labels=ids).loss.
@@ -68,7 +69,8 @@ def planner_setup(spec: dict):
     return Setup(seq_len=spec["seq"], micro_batch=spec["batch"], adapter="qlora" if spec["mode"] == "qlora" else "lora",
                  lora_r=16, double_quant=True, checkpointing=spec.get("ckpt", "offload"),
                  mlp_chunk=spec.get("mlp_chunk"), keep_on_gpu=spec.get("keep_on_gpu", 0),
-                 embed_on_cpu=spec.get("embed_on_cpu", True), mlp_recompute=True, ignored_labels=False,
+                 embed_on_cpu=spec.get("embed_on_cpu", True), mlp_recompute=spec.get("mlp_recompute", False),
+                 ignored_labels=False,
                  offload_strategy=spec.get("offload", "inputs"))
 
 
@@ -133,7 +135,7 @@ def build_tunery(spec: dict, device: str):
         from tunery.models.fused import set_fused, set_mlp_recompute
 
         set_fused(model, device == "cuda")
-        set_mlp_recompute(model, True)
+        set_mlp_recompute(model, bool(spec.get("mlp_recompute", False)))
     except ImportError:
         pass
     apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"),
@@ -302,10 +304,31 @@ def worker(spec: dict) -> dict:
     if cuda:
         res["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 3)
         res["reserved_gib"] = round(torch.cuda.max_memory_reserved() / GiB, 3)
+    if spec.get("profile"):
+        _profile_step(spec, step, opt, autocast, device, vocab, gen)
     fn = getattr(getattr(model, "model", None), "checkpoint_fn", None)
     if hasattr(fn, "host_bytes"):
         res["host_pinned_gib"] = round(fn.host_bytes / GiB, 2)
     return res
+
+
+def _profile_step(spec: dict, step, opt, autocast, device: str, vocab: int, gen) -> None:
+    """One more training step under torch.profiler: where the GPU time goes, kernel by kernel."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        with torch.autocast(device, dtype=autocast) if autocast is not None else _null():
+            loss = step(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    Path(spec["profile"]).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
 
 
 class _null:
@@ -387,7 +410,10 @@ def part_speed(args, stacks, modes) -> dict:
                 continue
             spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=args.warmup,
                         steps=args.steps, ckpt="offload", cpu=args.cpu,
-                        offload="activations" if stack == "tunery_act" else "inputs")
+                        offload="activations" if stack == "tunery_act" else "inputs",
+                        mlp_recompute=stack in ("tunery_rc", "tunery_act"))
+            if args.profile and stack.startswith("tunery") and os.environ.get("OUT"):
+                spec["profile"] = str(Path(os.environ["OUT"]) / f"profile_{stack}_{mode}.txt")
             r = run_worker(spec, args.timeout)
             runs[key] = r
             print(fmt(r), flush=True)
@@ -423,7 +449,7 @@ def part_context(args, stacks, modes) -> dict:
         for stack in stacks:
             key = f"{stack}/{mode}"
             why = available(stack, mode) or ("long rows offload block inputs (stack tunery)"
-                                             if stack == "tunery_act" else None)
+                                             if stack in ("tunery_act", "tunery_rc") else None)
             if why:
                 result[key] = {"skipped": why}
                 print(f"  {key:<40} skipped: {why}", flush=True)
@@ -489,9 +515,14 @@ def _planner_max(model: dict, mode: str, cap_gib: float, step: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["speed", "context", "all"], default="speed")
-    ap.add_argument("--stacks", default="tunery,tunery_act,standard,liger",
-                    help="tunery (offload block inputs + recompute), tunery_act (offload every saved "
-                         "activation, no recompute), standard, liger")
+    ap.add_argument("--stacks", default="tunery,tunery_rc,tunery_act,standard,liger",
+                    help="tunery (block inputs offloaded, blocks recomputed: the trainer's "
+                         "gradient_checkpointing: offload), tunery_rc (same + the fused MLP recomputes gate/up "
+                         "in backward: least memory), tunery_act (offload every saved activation, no "
+                         "recompute), standard, liger")
+    ap.add_argument("--profile", action="store_true",
+                    help="speed part: one extra step of each tunery variant under torch.profiler; the "
+                         "top kernels by GPU time go to $OUT/profile_<stack>_<mode>.txt")
     ap.add_argument("--modes", default=None, help="qlora,lora16 (speed default: qlora)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")

@@ -219,3 +219,17 @@ def test_activation_offload_strategy_equals_plain(dropout, chunk):
         assert _max_diff(g, g0) == 0.0
     else:
         assert _max_diff(g, g0) < 1e-5
+
+
+def test_pinned_pool_reuses_the_smallest_free_buffer_that_fits():
+    """Free buffers of different sizes are told apart by identity (a list.remove of tensors compares
+    them elementwise and fails when their sizes differ, as it did on the GPU)."""
+    from tunery.train.activations import PinnedPool
+
+    pool = PinnedPool()
+    big, small, tiny = (torch.empty(n, dtype=torch.uint8) for n in (4096, 1024, 16))
+    for b in (big, small, tiny):
+        pool.put(b)
+    assert pool.get(1000) is small
+    assert pool.get(2000) is big
+    assert len(pool.free) == 1 and pool.free[0] is tiny

@@ -171,11 +171,9 @@ class PinnedPool:
         self.registered: list[torch.Tensor] = []
 
     def get(self, nbytes: int) -> torch.Tensor:
-        fits = [b for b in self.free if b.numel() >= nbytes]
-        if fits:
-            buf = min(fits, key=lambda b: b.numel())
-            self.free.remove(buf)
-            return buf
+        fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+        if fits:  # by index: list.remove would compare tensors elementwise
+            return self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
         return self._alloc(nbytes)
 
     def put(self, buf: torch.Tensor) -> None:
