@@ -63,6 +63,26 @@ def test_linear_cross_entropy_edge_cases():
     torch.testing.assert_close(a, linear_cross_entropy_reference(h.detach(), w, y))
 
 
+def test_linear_cross_entropy_fused_under_autocast_with_fp32_weights():
+    """Full fine-tuning: fp32 master weights under bf16 autocast. The fused loss (gradients computed in
+    its forward with out= / in-place matmuls) must run, give fp32 gradients, and match the reference."""
+    torch.manual_seed(0)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(100, 32, requires_grad=True)
+    y = torch.randint(0, 100, (64,))
+    y[:40] = -100  # prompt-masked rows: the fused path gathers the kept rows
+    h2, w2 = (t.detach().clone().requires_grad_() for t in (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, y, fused=True)
+        ref = linear_cross_entropy_reference(h2, w2, y)
+    loss.backward()
+    ref.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    assert torch.allclose(loss, ref, rtol=1e-3)
+    assert torch.allclose(h.grad, h2.grad, atol=2e-2 * h2.grad.abs().max().item())
+    assert torch.allclose(w.grad, w2.grad, atol=2e-2 * w2.grad.abs().max().item())
+
+
 def test_token_logprobs_fused_matches_reference():
     torch.manual_seed(0)
     h = torch.randn(30, 16, requires_grad=True)
@@ -182,3 +202,4 @@ def test_backend_choice_and_switch():
         assert not use_triton_for(x) and not kernels_enabled()
     finally:
         set_kernels_enabled(True)
+

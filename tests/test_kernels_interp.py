@@ -249,6 +249,40 @@ def case_decoder_gemma3_lora():
                        rope_theta=1e6, hidden_activation="gelu_pytorch_tanh", **_TINY), lora=True)
 
 
+@case
+def case_decoder_full_ft_under_autocast():
+    """Full fine-tuning on a GPU: fp32 master weights under bf16 autocast. The fused Functions (which
+    autocast does not cast) and the fused loss must run and agree with the plain path on the loss and
+    every weight gradient (fp32), with and without checkpointing."""
+    import torch
+
+    from tunery.kernels.cross_entropy import linear_cross_entropy
+    from tunery.models import build_own
+    from tunery.models.decoder import set_fused
+    from tunery.train.activations import apply_checkpointing
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(12).expand(2, 12)
+    for ckpt in (False, True):
+        res = []
+        for fused in (True, False):
+            torch.manual_seed(0)
+            m = build_own(dict(model_type="llama", tie_word_embeddings=True, **_TINY), torch.float32).train()
+            set_fused(m, fused)
+            if ckpt:
+                apply_checkpointing(m, True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = m(ids, pos).reshape(-1, 32)
+                loss = linear_cross_entropy(h[:-1], m.head_weight, ids.reshape(-1)[1:], fused=fused)
+            loss.backward()
+            res.append((loss.detach().float(), {n: p.grad for n, p in m.named_parameters()}))
+        (l1, g1), (l2, g2) = res
+        _close(l1, l2, 2e-2)
+        for k, g in g1.items():
+            assert g is not None and g.dtype == torch.float32, k
+            assert (g - g2[k]).norm() <= 0.05 * g2[k].norm() + 1e-6, k
+
+
 def _main(out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     results = {}

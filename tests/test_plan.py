@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -102,6 +103,14 @@ def test_plan_from_config_reads_only_config_json(tmp_path, tiny_llama):
     assert r.setup.adapter == "qlora" and r.setup.checkpointing == "offload" and r.setup.tokens == 1024
     assert r.shape.layers == 2 and r.fits
     assert "QLoRA" in format_report(r)
+    assert not r.setup.embed_on_cpu  # tied: the table is also the LM head, so the trainer keeps it on the GPU
+    (tmp_path / "untied").mkdir()
+    conf = json.loads((tiny_llama / "config.json").read_text())
+    (tmp_path / "untied" / "config.json").write_text(json.dumps({**conf, "tie_word_embeddings": False}))
+    r2 = plan({**cfg, "base_model": str(tmp_path / "untied")}, 8 * GiB)
+    assert r2.setup.embed_on_cpu  # QLoRA: the trainer moves a frozen, untied input embedding to CPU memory
+    assert plan({**cfg, "base_model": str(tmp_path / "untied"), "adapter": "lora", "load_in_4bit": False},
+                8 * GiB).setup.embed_on_cpu is False
 
 
 @pytest.mark.gpu

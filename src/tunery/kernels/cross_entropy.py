@@ -195,23 +195,31 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, softcap, z_loss, chunk_size, use_triton):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        keep, h_all, y_all = _kept(hidden, labels, ignore_index)
-        n = h_all.shape[0]
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        grad_h = torch.empty_like(h_all) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-        step = _chunk_rows(n, weight.shape[0], chunk_size)
-        for s in range(0, n, step):
-            h, y = h_all[s : s + step], y_all[s : s + step]
-            logits = h @ w.t()
-            total += _ce_rows(logits, y, softcap, z_loss, need_h or need_w, None, use_triton, ignore_index).sum()
+        dev = hidden.device.type
+        # Under autocast (fp32 master weights, full fine-tuning) the matmuls run in the autocast dtype,
+        # cast here once; autocast is off inside so the out=/in-place accumulations keep their dtypes.
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        with torch.autocast(dev, enabled=False):
+            keep, h_all, y_all = _kept(hidden, labels, ignore_index)
+            h_all = h_all.to(cdt)
+            n = h_all.shape[0]
+            total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+            grad_h = torch.empty_like(h_all) if need_h else None
+            grad_w = torch.zeros_like(weight) if need_w else None
+            w = weight if weight.dtype == cdt else weight.to(cdt)
+            step = _chunk_rows(n, weight.shape[0], chunk_size)
+            for s in range(0, n, step):
+                h, y = h_all[s : s + step], y_all[s : s + step]
+                logits = h @ w.t()
+                total += _ce_rows(logits, y, softcap, z_loss, need_h or need_w, None, use_triton, ignore_index).sum()
+                if need_h:
+                    torch.mm(logits, w, out=grad_h[s : s + step])
+                if need_w:
+                    grad_w.addmm_(logits.t().to(grad_w.dtype), h.to(grad_w.dtype))
             if need_h:
-                torch.mm(logits, w, out=grad_h[s : s + step])
-            if need_w:
-                grad_w.addmm_(logits.t().to(grad_w.dtype), h.to(grad_w.dtype))
-        if need_h and keep is not None:
-            grad_h = torch.zeros_like(hidden).index_copy_(0, keep, grad_h)
+                grad_h = grad_h.to(hidden.dtype)
+                if keep is not None:
+                    grad_h = torch.zeros_like(hidden).index_copy_(0, keep, grad_h)
         ctx.save_for_backward(grad_h, grad_w)
         return total
 

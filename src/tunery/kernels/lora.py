@@ -54,6 +54,7 @@ class _Meta:
     use_triton: bool
     kind: str = "silu"
     recompute: bool = False
+    cdt: torch.dtype | None = None  # compute dtype: autocast's when on (fp32 master weights), else x's
 
 
 def _weight(ts, i: int, meta: _Meta, dtype) -> torch.Tensor:
@@ -137,12 +138,16 @@ def _linears_backward(xn, dys, ts, idx, meta, xa_s, need, need_dx):
 
 
 def _norm_in(x, norm_w, meta):
+    """(normalised input in the compute dtype, 1/rms or None). The norm itself runs in x's dtype."""
     if norm_w is None:
-        return x, None
-    return rms_norm_forward(x, norm_w, meta.eps, meta.offset, meta.use_triton)
+        return x.to(meta.cdt or x.dtype), None
+    xn, rstd = rms_norm_forward(x, norm_w, meta.eps, meta.offset, meta.use_triton)
+    return xn.to(meta.cdt or xn.dtype), rstd
 
 
 def _norm_back(dxn, x, norm_w, rstd, meta, need_x, need_w):
+    if dxn is not None:
+        dxn = dxn.to(x.dtype)
     if norm_w is None:
         return dxn, None
     if dxn is None:
@@ -171,7 +176,7 @@ class FusedLinearsFunction(torch.autograd.Function):
         meta = ctx.meta
         need = ctx.needs_input_grad
         idx = list(range(len(ts) // 4))
-        xn = _norm_in(x, norm_w, meta)[0] if norm_w is not None else x
+        xn = _norm_in(x, norm_w, meta)[0]
         need_dx = need[0] or (norm_w is not None and need[1])
         dxn, grads = _linears_backward(xn, dys, ts, idx, meta, xa_s, need[3:], need_dx)
         dx, dnw = _norm_back(dxn, x, norm_w, rstd, meta, need[0], need[1])
@@ -203,7 +208,7 @@ class FusedMLPFunction(torch.autograd.Function):
         meta = ctx.meta
         need = ctx.needs_input_grad
         tneed = need[3:]
-        xn = _norm_in(x, norm_w, meta)[0] if norm_w is not None else x
+        xn = _norm_in(x, norm_w, meta)[0]
         fresh = g is None
         if fresh:
             sl = _slices(ts, [0, 1])
@@ -249,6 +254,14 @@ def _flat_specs(specs: list[LinearSpec]) -> tuple[list, list[float], list]:
     return ts, [float(s.scale) for s in specs], [s.weight_fn for s in specs]
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Autograd Functions see no autocast casts of their inputs: under autocast (full fine-tuning with
+    fp32 master weights) the projections run in the autocast dtype, made explicit here, so that forward
+    and backward agree on it."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 @torch.compiler.disable
 def fused_linears(x: torch.Tensor, specs: list[LinearSpec], norm_weight: torch.Tensor | None = None,
                   eps: float = 1e-6, offset: float = 0.0, use_triton: bool | None = None) -> list[torch.Tensor]:
@@ -257,7 +270,7 @@ def fused_linears(x: torch.Tensor, specs: list[LinearSpec], norm_weight: torch.T
     x2 = x.reshape(-1, x.shape[-1])
     tri = use_triton_for(x2, use_triton) if norm_weight is not None else False
     ts, scales, fns = _flat_specs(specs)
-    meta = _Meta(eps, float(offset), scales, fns, tri)
+    meta = _Meta(eps, float(offset), scales, fns, tri, cdt=_compute_dtype(x2))
     outs = FusedLinearsFunction.apply(x2, norm_weight, meta, *ts)
     return [o.view(*lead, o.shape[-1]) for o in outs]
 
@@ -271,7 +284,7 @@ def fused_mlp(x: torch.Tensor, gate: LinearSpec, up: LinearSpec, down: LinearSpe
     x2 = x.reshape(-1, x.shape[-1])
     tri = use_triton_for(x2, use_triton)
     ts, scales, fns = _flat_specs([gate, up, down])
-    meta = _Meta(eps, float(offset), scales, fns, tri, kind, bool(recompute))
+    meta = _Meta(eps, float(offset), scales, fns, tri, kind, bool(recompute), _compute_dtype(x2))
     out = FusedMLPFunction.apply(x2, norm_weight, meta, *ts)
     return out.view(*lead, out.shape[-1])
 

@@ -281,6 +281,8 @@ class Trainer:
                        "tokens": tokens_seen, "trained_tokens": normalizer if self.method.name == "sft" else None,
                        "elapsed_s": round(elapsed_before + time.perf_counter() - t_run, 3)}
                 row.update(_reduce_metrics(sums, self.device))
+                if self.device.type == "cuda":  # what `tunery plan` predicts (max_memory_allocated, this rank)
+                    row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
                 row = {k: v for k, v in row.items() if v is not None}
                 if step % cfg.logging_steps == 0 or step == total_steps:
                     logger.log(row)

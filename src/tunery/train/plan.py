@@ -363,8 +363,11 @@ def plan(config: Any, gpu_mem_bytes: int | None = None, **setup_overrides: Any) 
     hf = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
     if gpu_mem_bytes is None:
         gpu_mem_bytes = detect_gpu_memory()
-    report = plan_shapes(hf, setup_from_config(cfg, **setup_overrides), gpu_mem_bytes,
-                         name=str(cfg.base_model))
+    setup = setup_from_config(cfg, **setup_overrides)
+    if "embed_on_cpu" not in setup_overrides and setup.adapter == "qlora":
+        # the trainer keeps a frozen, untied input embedding in CPU memory under QLoRA (quant.offload_embedding)
+        setup = replace(setup, embed_on_cpu=not ModelShape.from_hf(hf).tied)
+    report = plan_shapes(hf, setup, gpu_mem_bytes, name=str(cfg.base_model))
     if cfg.fsdp:
         report.notes.append("fsdp is set: this plan is for one GPU holding the whole model (no sharding)")
     if not cfg.own_decoder or hf.model_type not in _own_types():
