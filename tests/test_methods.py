@@ -357,16 +357,6 @@ def test_kto_precompute_fixes_partners(tmp_path, monkeypatch):
     assert r0["ref_kl_logps"] == pytest.approx(float(want), abs=1e-5)
 
 
-def _collate_kto_passes_precomputed() -> bool:
-    rows = kto_rows(n=2)
-    for r in rows:
-        r.update(ref_logps=0.0, ref_kl_logps=0.0, kl_input_ids=[1, 2], kl_labels=[-100, 2])
-    b = collate_kto(rows)
-    return "ref_kl_logps" in b and b["input_ids"].shape[1] == sum(len(r["input_ids"]) for r in rows) + 4
-
-
-@pytest.mark.skipif(not _collate_kto_passes_precomputed(),
-                    reason="collate_kto does not pass ref_logps / ref_kl_logps / kl_input_ids through yet")
 def test_kto_precomputed_reference_matches_the_live_one(tmp_path, monkeypatch):
     from tunery.data.types import PreparedData
 

@@ -66,3 +66,26 @@ def test_preference_methods_train_end_to_end(rl, tiny_llama, hh_small, tmp_path)
         head = load_score_head(lm.model, str(heads[0]))
         assert head.weight.shape == (1, 64) and head.bias is None
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_kto_full_finetune_with_precomputed_reference(tiny_llama, tmp_path, monkeypatch):
+    """Full fine-tuning KTO with `precompute_ref_log_probs`: the reference log-probs (and the fixed mismatched
+    pairs of the KL point) are computed once, cached by data fingerprint, and reach the loss through the
+    collator; at step 1 policy = reference, so the implicit rewards are 0."""
+    from tunery.train.loop import train
+
+    monkeypatch.setenv("TUNERY_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "kto.jsonl"
+    lines = [x for x in (REPO / "examples" / "data" / "hh_rlhf_harmless_kto_sample.jsonl").read_text().splitlines()
+             if len(x) < 900][:16]
+    data.write_text("\n".join(lines) + "\n")
+    cfg = {"base_model": str(tiny_llama), "rl": "kto", "precompute_ref_log_probs": True,
+           "datasets": [{"path": str(data), "type": "kto"}], "sequence_len": 128, "micro_batch_size": 4,
+           "max_steps": 2, "learning_rate": 1e-3, "seed": 3, "output_dir": str(tmp_path / "run"),
+           "progress_bar": False, "dataset_prepared_path": str(tmp_path / "prepared")}
+    run = train(cfg)
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert steps[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
+    assert list((tmp_path / "cache").rglob("*-train.json")), "the reference log-probs are cached"
+    assert (run / "model" / "model.safetensors").is_file() or list((run / "model").glob("*.safetensors"))

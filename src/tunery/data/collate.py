@@ -66,7 +66,11 @@ def collate_preference(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def collate_kto(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Completions, then mismatched (prompt i, completion i+1) pairs for the KL reference point."""
+    """Completions, then mismatched (prompt i, completion i+1) pairs for the KL reference point.
+
+    Rows prepared for a precomputed reference carry their mismatched pair (`kl_input_ids`, fixed
+    when the reference log-probs were computed) and `ref_logps` / `ref_kl_logps`: those are used.
+    """
     ids: list[int] = []
     labels: list[int] = []
     pos: list[int] = []
@@ -77,18 +81,25 @@ def collate_kto(rows: list[dict[str, Any]]) -> dict[str, Any]:
         labels += r["labels"]
         pos += list(range(len(r["input_ids"])))
         seq += [i] * len(r["input_ids"])
+    fixed = all("kl_input_ids" in r for r in rows)
     for i, r in enumerate(rows):
-        other = rows[(i + 1) % n]
-        p_len = r.get("prompt_len", 0)
-        o_len = other.get("prompt_len", 0)
-        kl_ids = r["input_ids"][:p_len] + other["input_ids"][o_len:]
-        kl_labels = [-100] * p_len + other["labels"][o_len:]
+        if fixed:
+            kl_ids, kl_labels = r["kl_input_ids"], r["kl_labels"]
+        else:
+            other = rows[(i + 1) % n]
+            p_len = r.get("prompt_len", 0)
+            o_len = other.get("prompt_len", 0)
+            kl_ids = r["input_ids"][:p_len] + other["input_ids"][o_len:]
+            kl_labels = [-100] * p_len + other["labels"][o_len:]
         ids += kl_ids
         labels += kl_labels
         pos += list(range(len(kl_ids)))
         seq += [n + i] * len(kl_ids)
-    extra = {"seq_index": torch.tensor(seq, dtype=torch.long), "num_rows": n,
-             "kto_label": torch.tensor([bool(r["kto_label"]) for r in rows])}
+    extra: dict[str, Any] = {"seq_index": torch.tensor(seq, dtype=torch.long), "num_rows": n,
+                             "kto_label": torch.tensor([bool(r["kto_label"]) for r in rows])}
+    for key in ("ref_logps", "ref_kl_logps"):
+        if all(key in r for r in rows):
+            extra[key] = torch.tensor([float(r[key]) for r in rows])
     return flat_batch(ids, labels, pos, **extra)
 
 

@@ -27,12 +27,9 @@ import torch.nn.functional as F
 from .reference import (
     Reference,
     build_reference,
-    model_device,
-    precompute_into_rows,
-    precompute_key,
-    to_device,
+    precompute_reference,
 )
-from .sequences import as_floats, chosen_nll, flat_rows_batch, forward_hidden, pair_metrics, sequence_logps
+from .sequences import as_floats, chosen_nll, forward_hidden, pair_metrics, sequence_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -85,19 +82,11 @@ class DPO:
         """Called once before the first step: choose the reference, or precompute its log-probs into the rows."""
         if self.precompute and prepared is not None:
             self.reference = Reference("precomputed")
-            rows_per_batch = max(getattr(cfg, "eval_batch_size", None) or 0, getattr(cfg, "micro_batch_size", 1), 1)
-            key = precompute_key(self.name, prepared.fingerprint, model)
-            return precompute_into_rows(model, prepared, key, ("ref_chosen_logps", "ref_rejected_logps"),
-                                        lambda rows: self._pair_logps(model, rows), rows_per_batch)
+            return precompute_reference(self.name, model, cfg, prepared, ("ref_chosen_logps", "ref_rejected_logps"),
+                                        lambda r: (r["chosen_input_ids"], r["chosen_labels"]),
+                                        lambda r: (r["rejected_input_ids"], r["rejected_labels"]))
         self.reference = build_reference(model)
         return {"reference": self.reference.mode}
-
-    def _pair_logps(self, model: nn.Module, rows: list[dict[str, Any]]) -> dict[str, list[float]]:
-        seqs = [(r["chosen_input_ids"], r["chosen_labels"]) for r in rows]
-        seqs += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
-        batch = to_device(flat_rows_batch(seqs), model_device(model))
-        s = sequence_logps(model, forward_hidden(model, batch), batch, len(seqs)).sums.tolist()
-        return {"ref_chosen_logps": s[: len(rows)], "ref_rejected_logps": s[len(rows):]}
 
     def reference_logps(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         p = int(batch["num_pairs"])

@@ -22,11 +22,9 @@ from .reference import (
     Reference,
     build_reference,
     model_device,
-    precompute_into_rows,
-    precompute_key,
-    to_device,
+    precompute_reference,
 )
-from .sequences import as_floats, flat_rows_batch, forward_hidden, sequence_logps, token_slice
+from .sequences import as_floats, forward_hidden, sequence_logps, token_slice
 
 
 def kto_losses(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
@@ -82,18 +80,11 @@ class KTO:
                     r["kl_input_ids"] = r["input_ids"][:p_len] + other["input_ids"][o_len:]
                     r["kl_labels"] = [-100] * p_len + other["labels"][o_len:]
             self.reference = Reference("precomputed")
-            rows_per_batch = max(getattr(cfg, "eval_batch_size", None) or 0, getattr(cfg, "micro_batch_size", 1), 1)
-            key = precompute_key(self.name, prepared.fingerprint, model)
-            return precompute_into_rows(model, prepared, key, ("ref_logps", "ref_kl_logps"),
-                                        lambda rows: self._row_logps(model, rows), rows_per_batch)
+            return precompute_reference(self.name, model, cfg, prepared, ("ref_logps", "ref_kl_logps"),
+                                        lambda r: (r["input_ids"], r["labels"]),
+                                        lambda r: (r["kl_input_ids"], r["kl_labels"]))
         self.reference = build_reference(model)
         return {"reference": self.reference.mode}
-
-    def _row_logps(self, model: nn.Module, rows: list[dict[str, Any]]) -> dict[str, list[float]]:
-        seqs = [(r["input_ids"], r["labels"]) for r in rows] + [(r["kl_input_ids"], r["kl_labels"]) for r in rows]
-        batch = to_device(flat_rows_batch(seqs), model_device(model))
-        s = sequence_logps(model, forward_hidden(model, batch), batch, len(seqs)).sums.tolist()
-        return {"ref_logps": s[: len(rows)], "ref_kl_logps": s[len(rows):]}
 
     # ---- loss --------------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any], normalizer: int) -> tuple[torch.Tensor, dict[str, float]]:

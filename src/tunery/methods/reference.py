@@ -176,3 +176,21 @@ def precompute_into_rows(
     finally:
         model.train(was_training)
     return {"cached": cached_all, "rows": total}
+
+
+def precompute_reference(method: str, model: nn.Module, cfg: Any, prepared: Any, fields: tuple[str, str],
+                         first: Callable[[dict[str, Any]], tuple], second: Callable[[dict[str, Any]], tuple]
+                         ) -> dict[str, Any]:
+    """`precompute_ref_log_probs`: the reference's summed log-probs of two sequences per row, first(row)
+    and second(row) as (input_ids, labels), computed once (both in one batch) into fields[0] and fields[1]."""
+    from .sequences import flat_rows_batch, forward_hidden, sequence_logps
+
+    def compute(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+        seqs = [first(r) for r in rows] + [second(r) for r in rows]
+        batch = to_device(flat_rows_batch(seqs), model_device(model))
+        s = sequence_logps(model, forward_hidden(model, batch), batch, len(seqs)).sums.tolist()
+        return {fields[0]: s[: len(rows)], fields[1]: s[len(rows):]}
+
+    rows_per_batch = max(getattr(cfg, "eval_batch_size", None) or 0, getattr(cfg, "micro_batch_size", 1), 1)
+    key = precompute_key(method, prepared.fingerprint, model)
+    return precompute_into_rows(model, prepared, key, fields, compute, rows_per_batch)
