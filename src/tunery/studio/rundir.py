@@ -58,16 +58,24 @@ def read_config(run: Path) -> dict[str, Any]:
         return {}
 
 
-def last_rows(path: Path, tail_bytes: int = 16384) -> list[dict[str, Any]]:
-    """The last few parsed rows of a jsonl file, cheaply."""
+def _read_tail(path: Path, tail_bytes: int) -> tuple[str, int] | None:
+    """(the last tail_bytes of a file as text, the file's size), or None when it cannot be read."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - tail_bytes))
-            chunk = f.read().decode("utf-8", "replace")
+            return f.read().decode("utf-8", "replace"), size
     except OSError:
+        return None
+
+
+def last_rows(path: Path, tail_bytes: int = 16384) -> list[dict[str, Any]]:
+    """The last few parsed rows of a jsonl file, cheaply."""
+    got = _read_tail(path, tail_bytes)
+    if got is None:
         return []
+    chunk, size = got
     rows = []
     for line in chunk.splitlines()[(1 if size > tail_bytes else 0):]:
         try:
@@ -215,14 +223,10 @@ class JsonlTail:
 
 def log_tail(path: Path, max_lines: int = 200, tail_bytes: int = 65536) -> list[str]:
     """The end of a log, with progress-bar carriage returns collapsed to their last state."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - tail_bytes))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
+    got = _read_tail(path, tail_bytes)
+    if got is None:
         return []
+    text, size = got
     lines = []
     for raw in text.replace("\r\n", "\n").split("\n"):
         segs = [s for s in raw.split("\r") if s.strip()]
