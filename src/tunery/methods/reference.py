@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..adapters.lora import adapters_disabled, lora_layers
+from .sequences import flat_rows_batch, forward_hidden, sequence_logps
 
 LORA_TENSORS = (".lora_A", ".lora_B")
 
@@ -183,8 +184,6 @@ def precompute_reference(method: str, model: nn.Module, cfg: Any, prepared: Any,
                          ) -> dict[str, Any]:
     """`precompute_ref_log_probs`: the reference's summed log-probs of two sequences per row, first(row)
     and second(row) as (input_ids, labels), computed once (both in one batch) into fields[0] and fields[1]."""
-    from .sequences import flat_rows_batch, forward_hidden, sequence_logps
-
     def compute(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
         seqs = [first(r) for r in rows] + [second(r) for r in rows]
         batch = to_device(flat_rows_batch(seqs), model_device(model))
