@@ -17,7 +17,6 @@ Built from the Trainer's own pieces: model, optimizer, scheduler, checkpoints, m
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,8 @@ import torch
 
 from ..methods.grpo import GRPO, StepTotals, completion_logps, group_advantages, rollout_batch
 from ..methods.rewards import load_rewards, score
-from . import dcp as dist_ckpt
 from . import distributed as dist_util
 from .loop import StopRequested, Trainer, _progress, seed_everything
-from .manifest import write_json_atomic
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
 from .schedule import build_scheduler, warmup_steps_for
@@ -440,16 +437,10 @@ class GRPOTrainer(Trainer):
                 if self.stop_flag:
                     raise StopRequested
             ro = None
-            ev = self.evaluate()
-            if ev:
-                logger.log({"step": step, **ev})
-            with dist_ckpt.consolidated(self.model, trainable_only=bool(cfg.adapter)) as writer:
-                if writer:
-                    self.write_final()
+            self._finish(logger, step)
         except StopRequested:
             status = "stopped"
-            if self.main:
-                print(f"\nstopped at step {step}; resume with resume_from_checkpoint=auto", file=sys.stderr)
+            self._stopped_message(step)
         except BaseException:
             status = "failed"
             raise
@@ -459,10 +450,6 @@ class GRPOTrainer(Trainer):
             self._status(status, step, total_steps)
             dist_util.shutdown()
         return self.run_dir
-
-    def _status(self, state: str, step: int, total: int) -> None:
-        if self.main:
-            write_json_atomic(self.run_dir / "status.json", {"state": state, "step": step, "total_steps": total})
 
 
 def train_grpo(cfg, cfg_dir=None):

@@ -295,34 +295,43 @@ class Trainer:
                 self.stop_flag = dist_util.any_rank(self.stop_flag)  # all ranks stop at the same step
                 if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or self.stop_flag:
                     self.checkpoint(step, optimizer, scheduler, tokens_seen, elapsed_before + time.perf_counter() - t_run)
-                if self.main:
-                    write_json_atomic(self.run_dir / "status.json", {"state": "running", "step": step,
-                                                                      "total_steps": total_steps})
+                self._status("running", step, total_steps)
                 if self.stop_flag:
                     raise StopRequested
                 if _STEP_DELAY:
                     time.sleep(_STEP_DELAY)  # test hook: gives a crash test time to kill mid-run
-            ev = self.evaluate()
-            if ev:
-                logger.log({"step": step, **ev})
-            with dist_ckpt.consolidated(self.model, trainable_only=bool(cfg.adapter)) as writer:
-                if writer:
-                    self.write_final()
+            self._finish(logger, step)
         except StopRequested:
             status = "stopped"
-            if self.main:
-                print(f"\nstopped at step {step}; resume with resume_from_checkpoint=auto", file=sys.stderr)
+            self._stopped_message(step)
         except BaseException:
             status = "failed"
             raise
         finally:
             bar.close()
             logger.close()
-            if self.main:
-                write_json_atomic(self.run_dir / "status.json", {"state": status, "step": step,
-                                                                  "total_steps": total_steps})
+            self._status(status, step, total_steps)
             dist_util.shutdown()
         return self.run_dir
+
+    # ---- end of a run (shared with the GRPO recipe) ---------------------------------------------------
+    def _finish(self, logger: Any, step: int) -> None:
+        """Final eval, then the adapter / model written once (consolidated from the shards under FSDP)."""
+        ev = self.evaluate()
+        if ev:
+            logger.log({"step": step, **ev})
+        with dist_ckpt.consolidated(self.model, trainable_only=bool(self.cfg.adapter)) as writer:
+            if writer:
+                self.write_final()
+
+    def _stopped_message(self, step: int) -> None:
+        if self.main:
+            print(f"\nstopped at step {step}; resume with resume_from_checkpoint=auto", file=sys.stderr)
+
+    def _status(self, state: str, step: int, total: int) -> None:
+        """status.json (running / completed / stopped / failed) for the Studio and scripts."""
+        if self.main:
+            write_json_atomic(self.run_dir / "status.json", {"state": state, "step": step, "total_steps": total})
 
     def resume(self, optimizer, scheduler) -> tuple[Path | None, int, int, float]:
         """Load `resume_from_checkpoint` if set: (checkpoint, step, tokens seen, seconds trained before)."""
