@@ -50,6 +50,13 @@ def interpret_on_cpu() -> bool:
 _INTERPRET_CPU = interpret_on_cpu()  # triton decides interpret-or-compile when a kernel is defined (import)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's when it is on, else x's. Custom autograd Functions see
+    no autocast casts of their inputs (fp32 master weights in full fine-tuning), so they ask this."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def use_triton_for(x: torch.Tensor, enabled: bool | None = True) -> bool:
     """Fused path for CUDA tensors; on CPU only when TRITON_INTERPRET=1 asks for it.
 

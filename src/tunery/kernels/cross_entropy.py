@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import use_triton_for
+from . import compute_dtype, use_triton_for
 
 try:
     import triton
@@ -195,11 +195,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, softcap, z_loss, chunk_size, use_triton):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dev = hidden.device.type
         # Under autocast (fp32 master weights, full fine-tuning) the matmuls run in the autocast dtype,
         # cast here once; autocast is off inside so the out=/in-place accumulations keep their dtypes.
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
-        with torch.autocast(dev, enabled=False):
+        cdt = compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
             keep, h_all, y_all = _kept(hidden, labels, ignore_index)
             h_all = h_all.to(cdt)
             n = h_all.shape[0]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import use_triton_for
+from . import compute_dtype, use_triton_for
 from .activations import gated_act_backward, gated_act_forward
 from .rmsnorm import rms_norm_backward, rms_norm_forward
 
@@ -254,14 +254,6 @@ def _flat_specs(specs: list[LinearSpec]) -> tuple[list, list[float], list]:
     return ts, [float(s.scale) for s in specs], [s.weight_fn for s in specs]
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Autograd Functions see no autocast casts of their inputs: under autocast (full fine-tuning with
-    fp32 master weights) the projections run in the autocast dtype, made explicit here, so that forward
-    and backward agree on it."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
 @torch.compiler.disable
 def fused_linears(x: torch.Tensor, specs: list[LinearSpec], norm_weight: torch.Tensor | None = None,
                   eps: float = 1e-6, offset: float = 0.0, use_triton: bool | None = None) -> list[torch.Tensor]:
@@ -270,7 +262,7 @@ def fused_linears(x: torch.Tensor, specs: list[LinearSpec], norm_weight: torch.T
     x2 = x.reshape(-1, x.shape[-1])
     tri = use_triton_for(x2, use_triton) if norm_weight is not None else False
     ts, scales, fns = _flat_specs(specs)
-    meta = _Meta(eps, float(offset), scales, fns, tri, cdt=_compute_dtype(x2))
+    meta = _Meta(eps, float(offset), scales, fns, tri, cdt=compute_dtype(x2))
     outs = FusedLinearsFunction.apply(x2, norm_weight, meta, *ts)
     return [o.view(*lead, o.shape[-1]) for o in outs]
 
@@ -284,7 +276,7 @@ def fused_mlp(x: torch.Tensor, gate: LinearSpec, up: LinearSpec, down: LinearSpe
     x2 = x.reshape(-1, x.shape[-1])
     tri = use_triton_for(x2, use_triton)
     ts, scales, fns = _flat_specs([gate, up, down])
-    meta = _Meta(eps, float(offset), scales, fns, tri, kind, bool(recompute), _compute_dtype(x2))
+    meta = _Meta(eps, float(offset), scales, fns, tri, kind, bool(recompute), compute_dtype(x2))
     out = FusedMLPFunction.apply(x2, norm_weight, meta, *ts)
     return out.view(*lead, out.shape[-1])
 

@@ -270,10 +270,11 @@ class _NF4Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight: NF4Weight, bias):
+        from ..kernels import compute_dtype
+
         ctx.weight = weight
-        dev = x.device.type
         # under autocast dequantize straight into the autocast dtype (no float32 copy of W to cast)
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dtype = compute_dtype(x)
         w = weight.dequantize(dtype)
         x = x.to(dtype)
         return F.linear(x, w, bias.to(dtype) if bias is not None else None)
