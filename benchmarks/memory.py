@@ -304,6 +304,8 @@ def worker(spec: dict) -> dict:
     if cuda:
         res["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 3)
         res["reserved_gib"] = round(torch.cuda.max_memory_reserved() / GiB, 3)
+    if spec.get("phases") and cuda:
+        res["phases_ms"] = _phase_times(spec, step, opt, autocast, device, vocab, gen)
     if spec.get("profile"):
         _profile_step(spec, step, opt, autocast, device, vocab, gen)
     fn = getattr(getattr(model, "model", None), "checkpoint_fn", None)
@@ -328,7 +330,47 @@ def _profile_step(spec: dict, step, opt, autocast, device: str, vocab: int, gen)
         if device == "cuda":
             torch.cuda.synchronize()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    Path(spec["profile"]).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    if spec.get("trace"):  # where the compute stream idles, and why (benchmarks/trace_gaps.py)
+        import gzip
+
+        from trace_gaps import load, summarize
+
+        raw = Path(spec["profile"]).with_suffix(".json")
+        prof.export_chrome_trace(str(raw))
+        table = summarize(load(raw)) + "\n\n" + table
+        with open(raw, "rb") as f, gzip.open(str(raw) + ".gz", "wb") as g:
+            g.write(f.read())
+        raw.unlink()
+    Path(spec["profile"]).write_text(table)
+
+
+def _phase_times(spec: dict, step, opt, autocast, device: str, vocab: int, gen, n: int = 3) -> dict:
+    """Median ms of forward (+loss), backward and optimizer step, each closed by a synchronize: which
+    phase a slow step loses its time in (a forward that waits for its offload copies shows here)."""
+    import statistics
+
+    import torch
+
+    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=autocast) if autocast is not None else _null():
+            loss = step(ids)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        loss.backward()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            times[k].append(round(1e3 * dt, 1))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 class _null:
@@ -393,6 +435,8 @@ def fmt(r: dict) -> str:
     pred = f"{r['predicted_gib']:.2f} GiB" if r.get("predicted_gib") is not None else "-"
     speed = f"{r['tokens_per_s']:9.0f} tok/s" if r.get("tokens_per_s") else ""
     extra = f" host {r['host_pinned_gib']} GiB" if r.get("host_pinned_gib") else ""
+    if r.get("phases_ms"):
+        extra += " phases ms " + " ".join(f"{k} {v}" for k, v in r["phases_ms"].items())
     return f"  {name:<40} peak {peak:>10}  planner {pred:>10}  {speed}{extra}  (build {r.get('build_s')} s)"
 
 
@@ -411,9 +455,12 @@ def part_speed(args, stacks, modes) -> dict:
             spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=args.warmup,
                         steps=args.steps, ckpt="offload", cpu=args.cpu,
                         offload="activations" if stack == "tunery_act" else "inputs",
-                        mlp_recompute=stack in ("tunery_rc", "tunery_act"))
-            if args.profile and stack.startswith("tunery") and os.environ.get("OUT"):
-                spec["profile"] = str(Path(os.environ["OUT"]) / f"profile_{stack}_{mode}.txt")
+                        mlp_recompute=stack in ("tunery_rc", "tunery_act"), phases=args.phases)
+            if stack.startswith("tunery"):
+                spec.update(args.set)
+            if (args.profile or args.trace) and stack.startswith("tunery") and os.environ.get("OUT"):
+                spec["profile"] = str(Path(os.environ["OUT"]) / f"profile_{stack}_{mode}{args.tag}.txt")
+                spec["trace"] = args.trace
             r = run_worker(spec, args.timeout)
             runs[key] = r
             print(fmt(r), flush=True)
@@ -523,6 +570,16 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="speed part: one extra step of each tunery variant under torch.profiler; the "
                          "top kernels by GPU time go to $OUT/profile_<stack>_<mode>.txt")
+    ap.add_argument("--trace", action="store_true",
+                    help="like --profile, plus a chrome trace ($OUT/profile_<stack>_<mode>.json.gz) and, at the "
+                         "top of the profile, where the compute stream idles and why (benchmarks/trace_gaps.py)")
+    ap.add_argument("--phases", action="store_true",
+                    help="speed part: also time forward, backward and optimizer separately (synchronised)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    type=lambda kv: (kv.split("=", 1)[0], json.loads(kv.split("=", 1)[1])),
+                    help="speed part: override a tunery worker setting, e.g. ckpt=false, mlp_recompute=true, "
+                         "offload=\"activations\", keep_on_gpu=4 (diagnostics; JSON values)")
+    ap.add_argument("--tag", default="", help="suffix for the files written under $OUT")
     ap.add_argument("--modes", default=None, help="qlora,lora16 (speed default: qlora)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")
@@ -541,6 +598,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.set = dict(args.set)
 
     if args.worker:
         spec = json.loads(args.worker)
@@ -587,8 +645,9 @@ def main() -> None:
     out_dir = os.environ.get("OUT")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "memory.json").write_text(json.dumps(report, indent=2))
-        print(f"wrote {Path(out_dir) / 'memory.json'}")
+        name = f"memory{args.tag}.json"
+        (Path(out_dir) / name).write_text(json.dumps(report, indent=2))
+        print(f"wrote {Path(out_dir) / name}")
 
 
 if __name__ == "__main__":

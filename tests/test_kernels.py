@@ -192,6 +192,56 @@ def test_flex_document_mask_matches_reference():
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_dense_backend_for_one_document_per_row():
+    """Rows that are each one whole document go to batched SDPA ("dense"): same result as the
+    per-document reference; packed rows (or a ragged max_seqlen) are told apart from shapes alone."""
+    from tunery.kernels.attention import one_doc_per_row
+
+    torch.manual_seed(0)
+    rows, t, h, hk, d = 3, 11, 4, 2, 16
+    n = rows * t
+    q, k, v = torch.randn(n, h, d), torch.randn(n, hk, d), torch.randn(n, hk, d)
+    cu = torch.arange(0, n + 1, t, dtype=torch.int32)
+    assert one_doc_per_row(n, cu, t) == rows
+    got = varlen_attention(q, k, v, cu, t, 0.3, backend="dense")
+    torch.testing.assert_close(got, varlen_attention_reference(q, k, v, cu, 0.3), atol=1e-5, rtol=1e-5)
+    packed = torch.tensor([0, 5, 11, 22, 33], dtype=torch.int32)  # row 0 holds two documents
+    assert one_doc_per_row(n, packed, 11) is None
+    assert one_doc_per_row(n, cu, t - 1) is None
+    with pytest.raises(ValueError, match="one document per row"):
+        varlen_attention(q, k, v, packed, 11, 0.3, backend="dense")
+
+
+def test_cast_params_cache_follows_the_optimizer_and_in_place_changes():
+    """The cached bf16 copies of fp32 adapters are rebuilt after every optimizer step (a fused
+    AdamW step does not bump tensor versions) and after any in-place change; plain tensors are
+    never cached."""
+    from tunery.kernels import cast_params
+
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(2, 8))
+    c1 = cast_params([a, b], torch.bfloat16)
+    assert c1.dtype == torch.bfloat16 and c1.shape == (6, 8)
+    assert cast_params([a, b], torch.bfloat16) is c1
+    single = cast_params([a], torch.bfloat16)  # a second entry on the same parameter
+    assert cast_params([a, b], torch.bfloat16) is c1 and cast_params([a], torch.bfloat16) is single
+    for kw in ({"fused": True}, {"foreach": False}):
+        opt = torch.optim.AdamW([a, b], lr=0.1, **kw)
+        (a.sum() + b.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        c2 = cast_params([a, b], torch.bfloat16)
+        assert c2 is not c1
+        torch.testing.assert_close(c2, torch.cat([a, b]).detach().bfloat16())
+        c1 = c2
+    with torch.no_grad():
+        b.add_(1.0)
+    torch.testing.assert_close(cast_params([a, b], torch.bfloat16), torch.cat([a, b]).detach().bfloat16())
+    plain = torch.randn(3, 3)
+    assert cast_params([plain], torch.bfloat16) is not cast_params([plain], torch.bfloat16)
+    assert cast_params([a], torch.float32) is a
+
+
 def test_backend_choice_and_switch():
     x = torch.randn(4, 2, 8)
     assert pick_backend(x, None, None) == "sdpa"

@@ -26,6 +26,6 @@ class ModelSection(Section):
     kernels: bool = Field(True, description="Use the fused Triton kernels on a CUDA GPU; false forces plain PyTorch.")
     torch_compile: bool = Field(False, description="torch.compile each decoder block.")
     attn_implementation: Literal["auto", "varlen", "flex", "sdpa", "eager"] = Field(
-        "auto", description="Attention backend; auto picks varlen/flex on GPU and SDPA on CPU."
+        "auto", description="Attention backend; auto picks cuDNN SDPA (one document per row) or varlen/flex on GPU, SDPA on CPU."
     )
     own_decoder: bool = Field(True, description="Use Tunery's decoder for supported families; false forces transformers.")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import compute_dtype, use_triton_for
+from . import cast_params, compute_dtype, use_triton_for
 from .activations import gated_act_backward, gated_act_forward
 from .rmsnorm import rms_norm_backward, rms_norm_forward
 
@@ -69,8 +69,7 @@ def _lora_in(xn: torch.Tensor, ts, idx: list[int], meta: _Meta) -> torch.Tensor 
     lora = [i for i in idx if ts[4 * i + 2] is not None]
     if not lora:
         return None
-    a = torch.cat([ts[4 * i + 2].to(xn.dtype) for i in lora]) if len(lora) > 1 else ts[4 * lora[0] + 2].to(xn.dtype)
-    xa = xn @ a.t()
+    xa = xn @ cast_params([ts[4 * i + 2] for i in lora], xn.dtype).t()
     scales = [meta.scales[i] for i in lora]
     if all(s == scales[0] for s in scales):
         return xa.mul_(scales[0])
@@ -94,7 +93,7 @@ def _project(xn, ts, i, meta, xa_s, sl) -> torch.Tensor:
     bias = ts[4 * i + 1]
     if i not in sl:
         return F.linear(xn, w, bias)
-    b = ts[4 * i + 3].to(xn.dtype)
+    b = cast_params([ts[4 * i + 3]], xn.dtype)
     part = xa_s[:, sl[i]]
     out = torch.addmm(bias.to(xn.dtype), part, b.t()) if bias is not None else part @ b.t()
     return out.addmm_(xn, w.t())
@@ -112,16 +111,17 @@ def _linears_backward(xn, dys, ts, idx, meta, xa_s, need, need_dx):
         if i not in sl or dy is None:
             continue
         a, b = ts[4 * i + 2], ts[4 * i + 3]
-        dxa = (dy @ b.to(dy.dtype)).mul_(meta.scales[i])  # [N, r] = s * dy B
+        dxa = (dy @ cast_params([b], dy.dtype)).mul_(meta.scales[i])  # [N, r] = s * dy B
         if need[4 * i + 3]:
             grads[4 * i + 3] = (dy.t() @ xa_s[:, sl[i]]).to(b.dtype)  # s * dy^T (x A^T)
         if need[4 * i + 2]:
             grads[4 * i + 2] = (dxa.t() @ xn).to(a.dtype)
         dxa_parts.append(dxa)
-        a_parts.append(a.to(dy.dtype))
+        a_parts.append(a)
     dxn = None
     if need_dx and dxa_parts:
-        dxn = torch.cat(dxa_parts, 1) @ torch.cat(a_parts) if len(dxa_parts) > 1 else dxa_parts[0] @ a_parts[0]
+        a_all = cast_params(a_parts, dxa_parts[0].dtype)
+        dxn = torch.cat(dxa_parts, 1) @ a_all if len(dxa_parts) > 1 else dxa_parts[0] @ a_all
     for i, dy in zip(idx, dys):
         if dy is None:
             continue
@@ -220,10 +220,10 @@ class FusedMLPFunction(torch.autograd.Function):
         wd = _weight(ts, 2, meta, dout.dtype)
         if ts[10] is not None:
             ad, bd = ts[10], ts[11]
-            dha = (dout @ bd.to(dout.dtype)).mul_(meta.scales[2])
+            dha = (dout @ cast_params([bd], dout.dtype)).mul_(meta.scales[2])
             if tneed[11]:
                 grads[11] = (dout.t() @ ha_s).to(bd.dtype)
-            dh = (dha @ ad.to(dout.dtype)).addmm_(dout, wd)
+            dh = (dha @ cast_params([ad], dout.dtype)).addmm_(dout, wd)
         else:
             dha = None
             dh = dout @ wd
