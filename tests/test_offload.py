@@ -233,3 +233,23 @@ def test_pinned_pool_reuses_the_smallest_free_buffer_that_fits():
     assert pool.get(1000) is small
     assert pool.get(2000) is big
     assert len(pool.free) == 1 and pool.free[0] is tiny
+
+
+def test_activation_group_keeps_one_copy_of_a_tensor_saved_under_two_shapes():
+    """The attention output is saved as [N, H, D] by attention and as [N, H * D] by o_proj: one host
+    copy, and each unpack gets its own shape back with the values as they were at the end of the block."""
+    from tunery.train.activations import OffloadCheckpoint, _ActGroup
+
+    owner = OffloadCheckpoint(strategy="activations", min_bytes=16, simulate=True)
+    g = _ActGroup(owner, set(), simulate=True)
+    t = torch.randn(6, 4, 8)
+    a = g.pack(t)
+    b = g.pack(t.view(6, 32))
+    c = g.pack(t[:, :2])  # a gapped view: stays as it is
+    g.close()
+    assert g.bytes == t.numel() * t.element_size() and len(g.items) == 1
+    assert c is not None and isinstance(c, torch.Tensor)
+    ua, ub = _ActGroup.unpack(a), _ActGroup.unpack(b)
+    assert ua.shape == (6, 4, 8) and ub.shape == (6, 32)
+    torch.testing.assert_close(ua, t)
+    torch.testing.assert_close(ub, t.view(6, 32))

@@ -62,7 +62,8 @@ def test_weight_and_adapter_bytes_match_real_objects():
         assert abs(e["weights"]["linears"] - real) / real < 0.01
         n_lora = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
         assert e["adapters"]["lora_params"] == n_lora
-        assert e["adapters"]["bytes"] == n_lora * 8 and e["optimizer"]["bytes"] == n_lora * 8
+        # fp32 params + fp32 grads + the bf16 copy the fused paths cache (kernels.cast_params)
+        assert e["adapters"]["bytes"] == n_lora * (4 + 4 + 2) and e["optimizer"]["bytes"] == n_lora * 8
 
 
 def test_modes_and_chunking_order():

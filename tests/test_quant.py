@@ -324,3 +324,21 @@ def test_gpu_nf4_linear_keeps_no_dequantized_weight():
     assert kept < 4096 * 4096 * 2  # less than one dequantized weight
     h.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+def test_gpu_cpu_embedding_rows_match_and_the_pinned_buffer_is_reused():
+    """GPU ids: rows gathered on the host into one page-locked buffer, sent asynchronously; two
+    lookups in a row (the second overwrites the buffer) both give the table's rows."""
+    from tunery.quant.embedding import CPUEmbedding
+
+    torch.manual_seed(0)
+    w = torch.randn(1000, 64, dtype=torch.bfloat16)
+    emb = CPUEmbedding(w)
+    a = torch.randint(0, 1000, (2, 300), device="cuda")
+    b = torch.randint(0, 1000, (2, 300), device="cuda")
+    ra = emb(a)
+    rb = emb(b)
+    assert ra.device.type == "cuda" and ra.shape == (2, 300, 64)
+    assert torch.equal(ra.cpu(), w[a.cpu()]) and torch.equal(rb.cpu(), w[b.cpu()])
+    assert emb.__dict__["_pinned"].is_pinned()

@@ -25,7 +25,25 @@ class CPUEmbedding(nn.Module):
         self.weight = nn.Parameter(weight.detach().to("cpu"), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids.to("cpu"), self.weight).to(input_ids.device)
+        dev = input_ids.device
+        if dev.type != "cuda":
+            return F.embedding(input_ids.to("cpu"), self.weight).to(dev)
+        # rows gathered into a reused page-locked buffer and sent asynchronously: a pageable copy of
+        # an 8B model's 4096 rows (32 MiB) blocked the step's start for ~3.5 ms on an H200
+        ids = input_ids.to("cpu").reshape(-1)
+        n, d = ids.numel(), self.embedding_dim
+        buf = self.__dict__.get("_pinned")
+        if buf is None or buf.numel() < n * d or buf.dtype != self.weight.dtype:
+            buf = self.__dict__["_pinned"] = torch.empty(n * d, dtype=self.weight.dtype, pin_memory=True)
+        elif self.__dict__.get("_sent") is not None:
+            self.__dict__["_sent"].synchronize()  # the last copy out of the buffer is done (long since)
+        rows = buf[: n * d].view(n, d)
+        torch.index_select(self.weight, 0, ids, out=rows)
+        out = rows.to(dev, non_blocking=True)
+        sent = torch.cuda.Event()
+        sent.record()
+        self.__dict__["_sent"] = sent
+        return out.view(*input_ids.shape, d)
 
     def _apply(self, fn, recurse=True):
         _, dtype = probe_apply(fn, self.weight.device)

@@ -310,10 +310,10 @@ class _OffloadedBlock(torch.autograd.Function):
 class _Packed:
     """What the saved-tensor hook keeps for one offloaded tensor: its group and index."""
 
-    __slots__ = ("group", "i")
+    __slots__ = ("group", "i", "shape")
 
-    def __init__(self, group: _ActGroup, i: int):
-        self.group, self.i = group, i
+    def __init__(self, group: _ActGroup, i: int, shape: torch.Size | None = None):
+        self.group, self.i, self.shape = group, i, shape  # shape: a view of item i (same memory)
 
 
 class _ActGroup:
@@ -372,6 +372,11 @@ class _ActGroup:
                 return t
         key = (ptr, t.storage_offset(), t.shape, t.stride(), t.dtype)
         i = self.keys.get(key)
+        if i is None and t.is_contiguous():  # the same memory saved under another shape (attention output
+            # [N, H, D] and the o_proj input [N, H * D]): one copy, a view of it on the way back
+            j = self.keys.get((ptr, t.storage_offset(), t.numel(), t.dtype))
+            if j is not None and self.items[j][0].is_contiguous():
+                return _Packed(self, j, t.shape)
         if i is None:
             # simulate (tests on CPU): a plain buffer, viewed the same way
             buf = self.owner.pool.get(nbytes) if t.is_cuda else torch.empty(nbytes, dtype=torch.uint8)
@@ -382,6 +387,8 @@ class _ActGroup:
             i = len(self.items)
             self.items.append((host, t.shape, t.stride(), t.dtype, t.device))
             self.keys[key] = i
+            if t.is_contiguous():
+                self.keys.setdefault((ptr, t.storage_offset(), t.numel(), t.dtype), i)
             self.bytes += nbytes
         return _Packed(self, i)
 
@@ -394,7 +401,8 @@ class _ActGroup:
         prev = g.prev() if g.prev is not None else None
         if prev is not None:
             prev.prefetch()
-        return g.gpu[packed.i]
+        t = g.gpu[packed.i]
+        return t if packed.shape is None else t.view(packed.shape)
 
     def prefetch(self) -> None:
         if self.gpu is not None:

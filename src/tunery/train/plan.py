@@ -195,6 +195,8 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
     loss_total = loss_act + logits
     at_loss = loss_total > bwd_total
     params_b = trained * s.train_bytes if s.adapter else 0  # full fine-tuning: already in "weights"
+    if s.adapter and s.train_bytes != s.act_bytes:  # the fused paths' cached compute-dtype copy (kernels.cast_params)
+        params_b += n_lora * s.act_bytes
     out["adapters"] = {"bytes": params_b + (0 if at_loss else grads), "params": trained, "lora_params": n_lora}
     static = out["weights"]["bytes"] + params_b + out["optimizer"]["bytes"] + FIXED_OVERHEAD
     out["activations"] = {"bytes": loss_act if at_loss else kept_bwd + block_bwd, "block_inputs": kept_fwd,
