@@ -109,6 +109,13 @@ def tunery_long_settings(spec: dict, cap_bytes: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ stacks
+def _keep_within(spec: dict, budget: float) -> int:
+    """Blocks whose activations the planner says can stay on the GPU under `budget` bytes."""
+    from tunery.train.plan import ModelShape, best_keep_on_gpu
+
+    return best_keep_on_gpu(ModelShape.from_hf(spec["model"]), planner_setup(spec), int(budget))
+
+
 def build_tunery(spec: dict, device: str):
     import torch
 
@@ -456,6 +463,8 @@ def part_speed(args, stacks, modes) -> dict:
                         steps=args.steps, ckpt="offload", cpu=args.cpu,
                         offload="activations" if stack == "tunery_act" else "inputs",
                         mlp_recompute=stack in ("tunery_rc", "tunery_act"), phases=args.phases)
+            if stack == "tunery_act" and not args.smoke:  # the kept blocks' activations stay on the GPU: as many
+                spec["keep_on_gpu"] = _keep_within(spec, 0.97 * TARGETS["peak_gib"] * GiB)  # as the planner fits
             if stack.startswith("tunery"):
                 spec.update(args.set)
             if (args.profile or args.trace) and stack.startswith("tunery") and os.environ.get("OUT"):
