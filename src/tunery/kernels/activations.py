@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from . import use_triton_for
-from .launch import launch
 
 try:
     import triton
@@ -118,7 +117,7 @@ def gated_act_forward(gate: torch.Tensor, up: torch.Tensor, kind: str, use_trito
     n = gate.numel()
     if n == 0:
         return h
-    launch(_act_fwd_kernel, (triton.cdiv(n, _BLOCK),), gate, up, h, n, KIND=KINDS[kind], BLOCK=_BLOCK, num_warps=8)
+    _act_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, h, n, KIND=KINDS[kind], BLOCK=_BLOCK, num_warps=8)
     return h
 
 
@@ -142,7 +141,7 @@ def gated_act_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, k
     n = gate.numel()
     if n == 0:
         return (dh if want_h else None), dg, du
-    launch(_act_bwd_kernel, (triton.cdiv(n, _BLOCK),), dh, gate, up, dh, dg, du, n, KIND=KINDS[kind], STORE_H=want_h,
+    _act_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dh, dg, du, n, KIND=KINDS[kind], STORE_H=want_h,
                                                BLOCK=_BLOCK, num_warps=8)
     return (dh if want_h else None), dg, du
 

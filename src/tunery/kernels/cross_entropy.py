@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import compute_dtype, use_triton_for
-from .launch import launch
 
 try:
     import triton
@@ -150,7 +149,7 @@ def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None, 
         if n_rows == 0:
             return loss
         block_v = min(triton.next_power_of_2(n_cols), 4096)
-        launch(_ce_rows_kernel, (n_rows,), logits, logits.stride(0), labels, loss, scale if scale is not None else loss,
+        _ce_rows_kernel[(n_rows,)](logits, logits.stride(0), labels, loss, scale if scale is not None else loss,
                                    n_cols, int(ignore_index), float(softcap or 1.0), float(z_loss),
                                    HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad,
                                    HAS_SCALE=scale is not None, BLOCK_V=block_v, num_warps=8)

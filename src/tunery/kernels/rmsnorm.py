@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from . import num_programs, use_triton_for
-from .launch import launch
 
 try:
     import triton
@@ -115,7 +114,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: 
         return y, rstd
     block_d, block_r, warps = _launch_shape(n_cols)
     grid = (triton.cdiv(n_rows, block_r),)
-    launch(_rms_fwd_kernel, grid, x, y, weight, rstd, x.stride(0), y.stride(0), n_rows, n_cols, eps, float(offset),
+    _rms_fwd_kernel[grid](x, y, weight, rstd, x.stride(0), y.stride(0), n_rows, n_cols, eps, float(offset),
                           BLOCK_R=block_r, BLOCK_D=block_d, CAST_FIRST=not offset, num_warps=warps)
     return y, rstd
 
@@ -147,7 +146,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, wei
     rows_per_prog = triton.cdiv(triton.cdiv(n_rows, progs), block_r) * block_r
     progs = triton.cdiv(n_rows, rows_per_prog)
     dw_part = torch.empty((progs, n_cols), device=x.device, dtype=torch.float32) if need_dw else dx
-    launch(_rms_bwd_kernel, (progs,), dy, x, weight, rstd, dx, dw_part, dy.stride(0), x.stride(0), dx.stride(0),
+    _rms_bwd_kernel[(progs,)](dy, x, weight, rstd, dx, dw_part, dy.stride(0), x.stride(0), dx.stride(0),
                               n_rows, n_cols, float(offset), rows_per_prog, BLOCK_R=block_r, BLOCK_D=block_d,
                               CAST_FIRST=not offset, HAS_DW=need_dw, num_warps=warps)
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None

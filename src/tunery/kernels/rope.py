@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from . import use_triton_for
-from .launch import launch
 
 try:
     import triton
@@ -123,7 +122,7 @@ def _rope_triton(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, backwa
     half = rd // 2
     block_half = triton.next_power_of_2(half)
     block_h = max(1, min(triton.next_power_of_2(h), 2048 // block_half))
-    launch(_rope_kernel, (b * t,), x2, out, cos2, sin2, x2.stride(0), out.stride(0), cos2.stride(0), h, d, half,
+    _rope_kernel[(b * t,)](x2, out, cos2, sin2, x2.stride(0), out.stride(0), cos2.stride(0), h, d, half,
                            BLOCK_H=block_h, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=4)
     return out.view(b, t, h, d)
 

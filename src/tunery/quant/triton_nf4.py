@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernels.launch import launch
 from .nf4 import BLOCK, DYNAMIC_CODE_VALUES, NESTED_BLOCK, NF4_CODE_VALUES
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -65,8 +64,7 @@ def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int
     code2 = _table("dyn", DYNAMIC_CODE_VALUES, packed.device)
     scales = 64  # blocks per program: 4096 weights, 2 KiB in, 8 KiB out (bf16)
     grid = (triton.cdiv(n_blocks, scales),)
-    launch(
-        _nf4_dequant_kernel, grid,
+    _nf4_dequant_kernel[grid](
         packed, absmax, absmax2 if double else code, offset if double else code, code, code2, out, n_blocks,
         SCALES=scales, HALF=HALF, DOUBLE=double, SCALES_PER_SCALE2=NESTED_BLOCK,
     )
