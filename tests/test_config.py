@@ -59,6 +59,8 @@ def test_unknown_keys_get_did_you_mean():
 def test_wrong_type_names_the_key():
     probs = problems_of({"micro_batch_size": "two"})
     assert len(probs) == 1 and probs[0].startswith("micro_batch_size:")
+    probs = problems_of({"offload_strategy": "everything"})
+    assert len(probs) == 1 and probs[0].startswith("offload_strategy:") and "activations" in probs[0]
 
 
 @pytest.mark.parametrize("data, needle", [

@@ -253,3 +253,60 @@ def test_activation_group_keeps_one_copy_of_a_tensor_saved_under_two_shapes():
     assert ua.shape == (6, 4, 8) and ub.shape == (6, 32)
     torch.testing.assert_close(ua, t)
     torch.testing.assert_close(ub, t.view(6, 32))
+
+
+def test_activation_strategy_recomputes_gate_up_in_the_fused_mlp(monkeypatch):
+    """Strategy "activations" (simulated on CPU) runs each block's fused MLP with gate/up recompute
+    on (their [tokens, intermediate] tensors are not offloaded), puts the switch back afterwards, and
+    gives the plain gradients over NF4 weights."""
+    import tunery.kernels.lora as kl
+    import tunery.models.decoder as dec
+    from tunery.quant import quantize_model
+
+    base = _model(dropout=0.0)
+    quantize_model(base)
+    monkeypatch.setattr(dec, "use_triton_for", lambda x, *a, **k: True)  # take Block._forward_fused on CPU
+    seen = []
+    orig = kl.FusedMLPFunction.apply
+    monkeypatch.setattr(kl.FusedMLPFunction, "apply", lambda *a: seen.append(a[2].recompute) or orig(*a))
+    _, g0 = _grads(base, False)
+    assert seen and not any(seen)
+    seen.clear()
+    m = copy.deepcopy(base)
+    m.train()
+    fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations")
+    fn.simulate, fn.min_bytes = True, 1024
+    ids, pos = _batch()
+    torch.manual_seed(7)
+    h = m(ids, pos)
+    loss = (h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()
+    loss.backward()
+    assert seen and all(seen), seen
+    assert not any(layer.mlp.recompute for layer in m.model.layers)
+    g = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    assert _max_diff(g, g0) < 1e-5
+
+
+def test_trainer_passes_the_offload_settings(tiny_llama, gsm8k_small, tmp_path, monkeypatch):
+    """`gradient_checkpointing: offload` with `offload_strategy` / `offload_keep_on_gpu` in the config
+    reaches the checkpoint function the trainer installs, and the run trains (on CPU the offload falls
+    back to plain recomputation)."""
+    import json as _json
+
+    import tunery.train.activations as acts
+    from tunery.train.loop import train
+
+    seen = []
+    orig = acts.apply_checkpointing
+    monkeypatch.setattr(acts, "apply_checkpointing", lambda m, mode, **kw: seen.append((mode, kw)) or orig(m, mode, **kw))
+    cfg = {"base_model": str(tiny_llama), "adapter": "lora", "lora_r": 4, "lora_target_linear": True,
+           "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
+                         "field_output": "answer"}],
+           "sequence_len": 256, "micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3,
+           "gradient_checkpointing": "offload", "offload_strategy": "activations", "offload_keep_on_gpu": 1,
+           "output_dir": str(tmp_path / "run"), "progress_bar": False,
+           "dataset_prepared_path": str(tmp_path / "prepared")}
+    run = train(cfg)
+    assert seen == [("offload", {"offload": "activations", "keep_on_gpu": 1})]
+    steps = [r for r in map(_json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]

@@ -114,6 +114,29 @@ def test_plan_from_config_reads_only_config_json(tmp_path, tiny_llama):
                 8 * GiB).setup.embed_on_cpu is False
 
 
+def test_plan_follows_the_offload_strategy_and_suggests_kept_blocks(tiny_llama):
+    """offload_strategy: activations plans host copies of every saved activation (with gate/up
+    recomputed), "auto" resolves by the hidden size as the trainer does, offload_keep_on_gpu is read,
+    and an offload plan that fits says how many blocks could stay on the GPU."""
+    cfg = {"base_model": str(tiny_llama), "adapter": "lora", "lora_r": 8, "lora_target_linear": True,
+           "sequence_len": 512, "micro_batch_size": 2, "gradient_checkpointing": "offload",
+           "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
+    inputs = plan(cfg, 8 * GiB)
+    act = plan({**cfg, "offload_strategy": "activations"}, 8 * GiB)
+    assert inputs.setup.offload_strategy == "inputs" and not inputs.setup.mlp_recompute
+    assert act.setup.offload_strategy == "activations" and act.setup.mlp_recompute
+    assert act.components["activations"]["host_bytes"] > 3 * inputs.components["activations"]["host_bytes"]
+    assert plan({**cfg, "offload_strategy": "auto"}, 8 * GiB).setup.offload_strategy == "inputs"  # tiny hidden
+    from tunery.config import load_config
+    from tunery.train.plan import setup_from_config
+
+    big = setup_from_config(load_config({**cfg, "offload_strategy": "auto"}), hidden=4096)
+    assert big.offload_strategy == "activations" and big.mlp_recompute
+    kept = plan({**cfg, "offload_keep_on_gpu": 1}, 8 * GiB)
+    assert kept.setup.keep_on_gpu == 1 and kept.peak > inputs.peak
+    assert any(x.startswith("offload_keep_on_gpu: 2") for x in inputs.suggestions), inputs.suggestions
+
+
 @pytest.mark.gpu
 def test_gpu_planner_within_15_percent():
     """One QLoRA + offload step of a mid-size Llama on the GPU: measured peak vs the planner."""

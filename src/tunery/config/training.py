@@ -32,6 +32,12 @@ class TrainingSection(Section):
     fp16: bool = False
     tf32: bool = False
     gradient_checkpointing: bool | Literal["offload"] = Field(False, description="Recompute activations; offload keeps them in CPU memory.")
+    offload_strategy: Literal["inputs", "activations", "auto"] = Field(
+        "inputs", description="With gradient_checkpointing: offload, what goes to CPU memory: each block's input "
+        "(the block is recomputed in backward), or every activation a block saves (nothing recomputed but the "
+        "MLP's gate/up; ~4.5x the host traffic; fastest for wide models at moderate lengths), or auto.")
+    offload_keep_on_gpu: int = Field(0, ge=0, description="With offload: the last N blocks keep theirs on the GPU "
+                                     "(fewer host copies); `tunery plan` says how many fit.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
     eval_batch_size: int | None = None
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")

@@ -12,8 +12,9 @@
   style), because torch's non-reentrant checkpoint keeps its inputs referenced on the device.
   Without CUDA it keeps the input as is (a plain recomputing checkpoint). With
   `offload="activations"` every large tensor a block saves goes to host memory instead (saved-tensor
-  hooks, one group per block, prefetched one block ahead) and nothing is recomputed: ~5x the PCIe
-  traffic and host memory of "inputs", one forward less of compute (see OffloadCheckpoint).
+  hooks, one group per block, prefetched one block ahead) and only the fused MLP's gate/up are
+  recomputed: ~4.5x the PCIe traffic and host memory of "inputs", most of a forward less of compute
+  (see OffloadCheckpoint).
 
 `mlp_chunk=N` splits the MLP of rows longer than N tokens into chunks of N tokens that are each
 recomputed in backward, so the [tokens x intermediate] tensors (3.5x the hidden size for Llama)
@@ -433,10 +434,12 @@ class OffloadCheckpoint:
     Two strategies, picked per forward call by `strategy` ("inputs" by default):
     - "inputs": only each block's input goes to host memory; the block is recomputed in backward.
       Host memory L x u, PCIe traffic u per block each way, one extra forward of compute.
-    - "activations": every large tensor the block saves goes to host memory and comes back; no
-      recomputation. Host memory and PCIe traffic ~5u per block each way (Llama: input, q, k, v,
-      attention output, MLP input), no extra compute: faster when the copies hide behind the
-      block's compute, i.e. for wide models (hidden >= 3072) and rows of moderate length.
+    - "activations": every large tensor the block saves goes to host memory and comes back; only
+      the fused MLP's gate/up are recomputed in backward (saving them would add 2 x intermediate /
+      hidden units). Host memory and PCIe traffic ~4.5u per block each way (Llama: input, q, k, v,
+      attention output, MLP input): faster when the copies hide behind the block's compute, i.e.
+      for wide models (hidden >= 3072) and rows of moderate length (Llama-8B QLoRA at 2 x 2048:
+      11.9-12.9k tokens/s against 10.7-11.1k for "inputs", benchmarks/RESULTS.md).
     "auto" takes "activations" when the hidden size is >= 3072, the micro-batch has at most
     `auto_max_tokens` tokens and the host copies (estimated 6u per block) fit in half of the free
     host memory; "inputs" otherwise (long rows: host memory for 5u per block would run out).
@@ -514,8 +517,18 @@ class OffloadCheckpoint:
         shared = {t.untyped_storage().data_ptr() for t in _tensors((rope, cu_seqlens))}
         group = _ActGroup(self, self._param_ptrs[key] | shared, self.simulate)
         group.prev = None if first else self._last_group
-        with torch.autograd.graph.saved_tensors_hooks(group.pack, _ActGroup.unpack):
-            y = layer(x, rope, cu_seqlens, max_seqlen)
+        # the fused MLP recomputes gate/up in backward instead of saving them: offloading them would
+        # move 2 x intermediate/hidden (7x for Llama-8B) more bytes per block than everything else
+        mlp = getattr(layer, "mlp", None)
+        recompute = getattr(mlp, "recompute", None)
+        if recompute is False:
+            mlp.recompute = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(group.pack, _ActGroup.unpack):
+                y = layer(x, rope, cu_seqlens, max_seqlen)
+        finally:
+            if recompute is False:
+                mlp.recompute = False
         group.close()
         self._last_group = weakref.ref(group)
         return y

@@ -112,7 +112,8 @@ class Trainer:
         model.to(self.device)
         _configure_kernels(model, cfg)
         if cfg.gradient_checkpointing:
-            _apply_checkpointing(model, cfg.gradient_checkpointing)
+            _apply_checkpointing(model, cfg.gradient_checkpointing, offload=cfg.offload_strategy,
+                                 keep_on_gpu=cfg.offload_keep_on_gpu)
         self.model = model
         self.train_model = _parallelize(model, cfg, self.world, self.device)
 
@@ -460,13 +461,13 @@ def _configure_kernels(model: nn.Module, cfg: Config) -> None:
         compile_blocks(model)
 
 
-def _apply_checkpointing(model: nn.Module, mode: bool | str) -> None:
+def _apply_checkpointing(model: nn.Module, mode: bool | str, offload: str = "inputs", keep_on_gpu: int = 0) -> None:
     try:
         from .activations import apply_checkpointing
     except ImportError:
         apply_checkpointing = None
     if apply_checkpointing is not None:
-        apply_checkpointing(model, mode)
+        apply_checkpointing(model, mode, offload=offload, keep_on_gpu=keep_on_gpu)
         return
     from torch.utils.checkpoint import checkpoint
 

@@ -283,6 +283,12 @@ def _suggest(r: PlanReport, budget: int) -> None:
     s, shape = r.setup, r.shape
     if r.fits:
         r.suggestions.append(f"fits: predicted peak {_gib(r.peak)} of {_gib(r.gpu_mem)}")
+        if s.checkpointing == "offload":
+            keep = best_keep_on_gpu(shape, s, budget)
+            if keep > s.keep_on_gpu:
+                r.suggestions.append(f"offload_keep_on_gpu: {keep} also fits (the last {keep} blocks stay on "
+                                     f"the GPU: fewer host copies; predicted "
+                                     f"{_gib(peak_bytes(shape, replace(s, keep_on_gpu=keep)))})")
         if s.checkpointing:
             for mode in (False, True):
                 if mode == s.checkpointing or (mode is True and s.checkpointing is True):
@@ -333,8 +339,9 @@ def _gib(b: float) -> str:
     return f"{b / GiB:.2f} GiB"
 
 
-def setup_from_config(cfg: Any, **overrides: Any) -> Setup:
-    """The memory-relevant settings of a tunery Config."""
+def setup_from_config(cfg: Any, hidden: int | None = None, **overrides: Any) -> Setup:
+    """The memory-relevant settings of a tunery Config (`hidden`: the model's, to resolve
+    offload_strategy "auto")."""
     from ..adapters import target_names
 
     adapter = cfg.adapter
@@ -348,7 +355,14 @@ def setup_from_config(cfg: Any, **overrides: Any) -> Setup:
               double_quant=cfg.bnb_4bit_use_double_quant, checkpointing=cfg.gradient_checkpointing,
               weight_bytes=2 if half else 4, act_bytes=2 if half else 4,
               modules_to_save=tuple(cfg.lora_modules_to_save or ()),
-              mlp_chunk=8192 if cfg.gradient_checkpointing else None)  # activations.py's "auto"
+              mlp_chunk=8192 if cfg.gradient_checkpointing else None,  # activations.py's "auto"
+              keep_on_gpu=getattr(cfg, "offload_keep_on_gpu", 0))
+    strategy = getattr(cfg, "offload_strategy", "inputs")
+    if strategy == "auto":  # OffloadCheckpoint.pick, less its host-memory check (unknown here)
+        big = (hidden or 0) >= 3072 and kw["seq_len"] * kw["micro_batch"] <= 32768
+        strategy = "activations" if big else "inputs"
+    if cfg.gradient_checkpointing == "offload" and strategy == "activations":
+        kw.update(offload_strategy="activations", mlp_recompute=True)
     kw.update(overrides)
     return Setup(**kw)
 
@@ -365,7 +379,7 @@ def plan(config: Any, gpu_mem_bytes: int | None = None, **setup_overrides: Any) 
     hf = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
     if gpu_mem_bytes is None:
         gpu_mem_bytes = detect_gpu_memory()
-    setup = setup_from_config(cfg, **setup_overrides)
+    setup = setup_from_config(cfg, hidden=ModelShape.from_hf(hf).hidden, **setup_overrides)
     if "embed_on_cpu" not in setup_overrides and setup.adapter == "qlora":
         # the trainer keeps a frozen, untied input embedding in CPU memory under QLoRA (quant.offload_embedding)
         setup = replace(setup, embed_on_cpu=not ModelShape.from_hf(hf).tied)
