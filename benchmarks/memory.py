@@ -448,31 +448,44 @@ def fmt(r: dict) -> str:
 
 
 def part_speed(args, stacks, modes) -> dict:
+    """Each stack in its own subprocess; with --rounds N the stacks run N times in turn (the order
+    rotated each round) and each stack's median run is reported: a shared host's CPU speed drifts
+    between and within calls, and part of a QLoRA step waits on the CPU."""
     model = TINY if args.smoke else LLAMA_8B
     seq, batch = (64, 2) if args.smoke else (2048, 2)
     runs: dict = {}
-    for mode in modes:
-        for stack in stacks:
-            why = available(stack, mode)
-            key = f"{stack}/{mode}"
-            if why:
-                runs[key] = {"stack": stack, "mode": mode, "skipped": why}
-                print(f"  {key:<40} skipped: {why}", flush=True)
-                continue
-            spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=args.warmup,
-                        steps=args.steps, ckpt="offload", cpu=args.cpu,
-                        offload="activations" if stack == "tunery_act" else "inputs",
-                        mlp_recompute=stack in ("tunery_rc", "tunery_act"), phases=args.phases)
-            if stack == "tunery_act" and not args.smoke:  # the kept blocks' activations stay on the GPU: as many
-                spec["keep_on_gpu"] = _keep_within(spec, 0.97 * TARGETS["peak_gib"] * GiB)  # as the planner fits
-            if stack.startswith("tunery"):
-                spec.update(args.set)
-            if (args.profile or args.trace) and stack.startswith("tunery") and os.environ.get("OUT"):
-                spec["profile"] = str(Path(os.environ["OUT"]) / f"profile_{stack}_{mode}{args.tag}.txt")
-                spec["trace"] = args.trace
-            r = run_worker(spec, args.timeout)
-            runs[key] = r
-            print(fmt(r), flush=True)
+    all_runs: dict[str, list[dict]] = {}
+    for rnd in range(max(1, args.rounds)):
+        order = stacks[rnd % len(stacks):] + stacks[:rnd % len(stacks)]
+        for mode in modes:
+            for stack in order:
+                why = available(stack, mode)
+                key = f"{stack}/{mode}"
+                if why:
+                    runs[key] = {"stack": stack, "mode": mode, "skipped": why}
+                    if rnd == 0:
+                        print(f"  {key:<40} skipped: {why}", flush=True)
+                    continue
+                spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=args.warmup,
+                            steps=args.steps, ckpt="offload", cpu=args.cpu,
+                            offload="activations" if stack == "tunery_act" else "inputs",
+                            mlp_recompute=stack in ("tunery_rc", "tunery_act"), phases=args.phases)
+                if stack == "tunery_act" and not args.smoke:  # the kept blocks' activations stay on the GPU:
+                    spec["keep_on_gpu"] = _keep_within(spec, 0.97 * TARGETS["peak_gib"] * GiB)  # as many as fit
+                if stack.startswith("tunery"):
+                    spec.update(args.set)
+                if (args.profile or args.trace) and stack.startswith("tunery") and os.environ.get("OUT") and rnd == 0:
+                    spec["profile"] = str(Path(os.environ["OUT"]) / f"profile_{stack}_{mode}{args.tag}.txt")
+                    spec["trace"] = args.trace
+                r = run_worker(spec, args.timeout)
+                r["round"] = rnd
+                all_runs.setdefault(key, []).append(r)
+                print(fmt(r) + (f"  [round {rnd + 1}]" if args.rounds > 1 else ""), flush=True)
+    for key, rs in all_runs.items():
+        ok = sorted((r for r in rs if r.get("ok")), key=lambda r: r.get("tokens_per_s") or 0)
+        runs[key] = ok[len(ok) // 2] if ok else rs[-1]  # the median run (upper median for an even count)
+        if len(rs) > 1:
+            runs[key]["tokens_per_s_rounds"] = [round(r.get("tokens_per_s") or 0) for r in rs]
     out: dict = {"runs": runs}
     variants = [r for k, r in runs.items() if k.startswith("tunery") and k.endswith("/qlora") and r.get("ok")]
     fits = [r for r in variants if r.get("peak_gib") is None or r["peak_gib"] <= TARGETS["peak_gib"]]
@@ -589,6 +602,8 @@ def main() -> None:
                     help="speed part: override a tunery worker setting, e.g. ckpt=false, mlp_recompute=true, "
                          "offload=\"activations\", keep_on_gpu=4 (diagnostics; JSON values)")
     ap.add_argument("--tag", default="", help="suffix for the files written under $OUT")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="speed part: run the stacks this many times in turn and report each one's median run")
     ap.add_argument("--modes", default=None, help="qlora,lora16 (speed default: qlora)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")
