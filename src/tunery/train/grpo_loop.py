@@ -426,16 +426,8 @@ class GRPOTrainer(Trainer):
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{ro.metrics['reward']:.3f}",
                                 len=f"{ro.metrics['completion_len_mean']:.0f}")
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-                    ev = self.evaluate()
-                    if ev:
-                        logger.log({"step": step, **ev})
-                self.stop_flag = dist_util.any_rank(self.stop_flag)  # all ranks stop at the same step
-                if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or self.stop_flag:
-                    self.checkpoint(step, optimizer, scheduler, tokens_seen, elapsed_before + time.perf_counter() - t_run)
-                self._status("running", step, total_steps)
-                if self.stop_flag:
-                    raise StopRequested
+                self._after_step(step, total_steps, logger, optimizer, scheduler, tokens_seen,
+                                 lambda: elapsed_before + time.perf_counter() - t_run)
             ro = None
             self._finish(logger, step)
         except StopRequested:

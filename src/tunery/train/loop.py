@@ -10,6 +10,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -289,16 +290,8 @@ class Trainer:
                     logger.log(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-                    ev = self.evaluate()
-                    if ev:
-                        logger.log({"step": step, **ev})
-                self.stop_flag = dist_util.any_rank(self.stop_flag)  # all ranks stop at the same step
-                if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or self.stop_flag:
-                    self.checkpoint(step, optimizer, scheduler, tokens_seen, elapsed_before + time.perf_counter() - t_run)
-                self._status("running", step, total_steps)
-                if self.stop_flag:
-                    raise StopRequested
+                self._after_step(step, total_steps, logger, optimizer, scheduler, tokens_seen,
+                                 lambda: elapsed_before + time.perf_counter() - t_run)
                 if _STEP_DELAY:
                     time.sleep(_STEP_DELAY)  # test hook: gives a crash test time to kill mid-run
             self._finish(logger, step)
@@ -315,7 +308,24 @@ class Trainer:
             dist_util.shutdown()
         return self.run_dir
 
-    # ---- end of a run (shared with the GRPO recipe) ---------------------------------------------------
+    # ---- after each optimizer step, and the end of a run (shared with the GRPO recipe) -----------------
+    def _after_step(self, step: int, total_steps: int, logger: Any, optimizer: Any, scheduler: Any,
+                    tokens_seen: int, elapsed: Callable[[], float]) -> None:
+        """Eval at eval_steps, a checkpoint at save_steps or when a stop was asked for (on any rank: all
+        ranks stop at the same step), the status file; raises StopRequested to end the run.
+        `elapsed()`: training seconds so far, read when a checkpoint is written."""
+        cfg = self.cfg
+        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
+            ev = self.evaluate()
+            if ev:
+                logger.log({"step": step, **ev})
+        self.stop_flag = dist_util.any_rank(self.stop_flag)
+        if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or self.stop_flag:
+            self.checkpoint(step, optimizer, scheduler, tokens_seen, elapsed())
+        self._status("running", step, total_steps)
+        if self.stop_flag:
+            raise StopRequested
+
     def _finish(self, logger: Any, step: int) -> None:
         """Final eval, then the adapter / model written once (consolidated from the shards under FSDP)."""
         ev = self.evaluate()
