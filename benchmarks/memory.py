@@ -5,6 +5,9 @@
     python benchmarks/memory.py --part context --stacks tunery --modes lora16
     python benchmarks/memory.py --part context --stacks standard,liger --modes qlora,lora16
     python benchmarks/memory.py --smoke                  # CPU: tiny shapes, both parts, a few seconds each
+    python benchmarks/memory.py --stacks tunery_act,standard --rounds 3 --phases   # medians of 3 runs in turn,
+                                                         # with forward / backward / optimizer times
+    python benchmarks/memory.py --stacks tunery_act --trace   # + a profiler trace and where the GPU idles
 
 Model: random weights of the Llama-3.1-8B shape (built on the meta device and materialised tensor by
 tensor on the GPU: nothing is downloaded, the 16-bit model never exists whole for QLoRA), LoRA r=16
