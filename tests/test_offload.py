@@ -310,3 +310,24 @@ def test_trainer_passes_the_offload_settings(tiny_llama, gsm8k_small, tmp_path, 
     assert seen == [("offload", {"offload": "activations", "keep_on_gpu": 1})]
     steps = [r for r in map(_json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
+
+
+def test_kept_blocks_start_the_copy_back_of_the_last_offloaded_block():
+    """Strategy "activations" with offload_keep_on_gpu: the last offloaded block's tensors start coming
+    back when the forward ends (its backward follows the kept blocks' at once), and the gradients
+    are the plain ones."""
+    base = _model(dropout=0.0)
+    _, g0 = _grads(base, False)
+    m = copy.deepcopy(base)
+    m.train()
+    fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations", keep_on_gpu=1)
+    fn.simulate, fn.min_bytes = True, 1024
+    ids, pos = _batch()
+    torch.manual_seed(7)
+    h = m(ids, pos)
+    last = fn._last_group()
+    assert last is not None and last.gpu is not None  # prefetched before backward
+    loss = (h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()
+    loss.backward()
+    g = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    assert _max_diff(g, g0) == 0.0

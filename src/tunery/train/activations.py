@@ -492,8 +492,12 @@ class OffloadCheckpoint:
         strategy = self.pick(x)
         self.last_strategy = strategy
         if strategy == "activations":
-            if not offload:
-                return layer(x, rope, cu_seqlens, max_seqlen)
+            if not offload:  # a kept block: its tensors stay on the GPU
+                y = layer(x, rope, cu_seqlens, max_seqlen)
+                last = self._last_group() if self._last_group is not None else None
+                if last is not None and self.num_layers is not None and idx == self.num_layers - 1:
+                    last.prefetch()  # backward reaches the last offloaded block after the kept ones: copy it back now
+                return y
             return self._activations(layer, x, rope, cu_seqlens, max_seqlen, first)
         holder: list[_Saved] = []
 
