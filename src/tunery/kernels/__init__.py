@@ -69,8 +69,9 @@ register_optimizer_step_post_hook(_count_step)
 
 
 def cast_params(ts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """The parameters `ts` cast to `dtype` and concatenated along dim 0 (one tensor: no copy), cached
-    on the first of them until any optimizer steps or one of them changes (version, storage).
+    """The parameters `ts` cast to `dtype` and concatenated along dim 0, cached on the first of them
+    until any optimizer steps or one of them changes (version, storage). A single parameter that
+    already has `dtype` comes back as it is.
 
     Why: the fused LoRA paths need the fp32 master adapters in bf16 several times per step (forward,
     backward, recompute). Casting each time costs a kernel launch and ~20 us of Python apiece, ~30

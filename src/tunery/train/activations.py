@@ -318,7 +318,8 @@ class _Packed:
 
 
 class _ActGroup:
-    """Every large tensor one block saves for backward, in pinned host memory (no recomputation).
+    """Every large tensor one block saves for backward, in pinned host memory (nothing recomputed but
+    the fused MLP's gate/up, see OffloadCheckpoint._activations).
 
     The copies go out together on the side stream when the block's forward ends (one stream wait
     for all of them; the tensors are alive until then anyway) and come back together (prefetched
@@ -438,8 +439,9 @@ class OffloadCheckpoint:
       the fused MLP's gate/up are recomputed in backward (saving them would add 2 x intermediate /
       hidden units). Host memory and PCIe traffic ~4.5u per block each way (Llama: input, q, k, v,
       attention output, MLP input): faster when the copies hide behind the block's compute, i.e.
-      for wide models (hidden >= 3072) and rows of moderate length (Llama-8B QLoRA at 2 x 2048:
-      11.9-12.9k tokens/s against 10.7-11.1k for "inputs", benchmarks/RESULTS.md).
+      for wide models (hidden >= 3072) and rows of moderate length (Llama-8B QLoRA at 2 x 2048 on
+      an H200, three runs: 10.4k, 11.9k and 12.9k tokens/s against 10.7k-11.1k for "inputs";
+      benchmarks/RESULTS.md).
     "auto" takes "activations" when the hidden size is >= 3072, the micro-batch has at most
     `auto_max_tokens` tokens and the host copies (estimated 6u per block) fit in half of the free
     host memory; "inputs" otherwise (long rows: host memory for 5u per block would run out).
