@@ -118,6 +118,9 @@ def test_plan_follows_the_offload_strategy_and_suggests_kept_blocks(tiny_llama):
     """offload_strategy: activations plans host copies of every saved activation (with gate/up
     recomputed), "auto" resolves by the hidden size as the trainer does, offload_keep_on_gpu is read,
     and an offload plan that fits says how many blocks could stay on the GPU."""
+    from tunery.config import load_config
+    from tunery.train.plan import CONTEXT_RESERVE, peak_bytes, setup_from_config
+
     cfg = {"base_model": str(tiny_llama), "adapter": "lora", "lora_r": 8, "lora_target_linear": True,
            "sequence_len": 512, "micro_batch_size": 2, "gradient_checkpointing": "offload",
            "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
@@ -127,14 +130,16 @@ def test_plan_follows_the_offload_strategy_and_suggests_kept_blocks(tiny_llama):
     assert act.setup.offload_strategy == "activations" and act.setup.mlp_recompute
     assert act.components["activations"]["host_bytes"] > 3 * inputs.components["activations"]["host_bytes"]
     assert plan({**cfg, "offload_strategy": "auto"}, 8 * GiB).setup.offload_strategy == "inputs"  # tiny hidden
-    from tunery.config import load_config
-    from tunery.train.plan import setup_from_config
-
     big = setup_from_config(load_config({**cfg, "offload_strategy": "auto"}), hidden=4096)
     assert big.offload_strategy == "activations" and big.mlp_recompute
     kept = plan({**cfg, "offload_keep_on_gpu": 1}, 8 * GiB)
     assert kept.setup.keep_on_gpu == 1 and kept.peak > inputs.peak
-    assert any(x.startswith("offload_keep_on_gpu: 2") for x in inputs.suggestions), inputs.suggestions
+    # every block fits on the GPU: no offload_keep_on_gpu line, "gradient_checkpointing: false" says it
+    assert not any(x.startswith("offload_keep_on_gpu") for x in inputs.suggestions), inputs.suggestions
+    assert any(x.startswith("gradient_checkpointing: false") for x in inputs.suggestions)
+    room_for_one = peak_bytes(inputs.shape, replace(inputs.setup, keep_on_gpu=1)) + CONTEXT_RESERVE + 1
+    tight = plan(cfg, room_for_one)
+    assert any(x.startswith("offload_keep_on_gpu: 1 ") for x in tight.suggestions), tight.suggestions
 
 
 @pytest.mark.gpu

@@ -285,7 +285,7 @@ def _suggest(r: PlanReport, budget: int) -> None:
         r.suggestions.append(f"fits: predicted peak {_gib(r.peak)} of {_gib(r.gpu_mem)}")
         if s.checkpointing == "offload":
             keep = best_keep_on_gpu(shape, s, budget)
-            if keep > s.keep_on_gpu:
+            if s.keep_on_gpu < keep < shape.layers:  # all of them: "gradient_checkpointing: false" below says it
                 r.suggestions.append(f"offload_keep_on_gpu: {keep} also fits (the last {keep} blocks stay on "
                                      f"the GPU: fewer host copies; predicted "
                                      f"{_gib(peak_bytes(shape, replace(s, keep_on_gpu=keep)))})")
@@ -438,8 +438,11 @@ def format_report(r: PlanReport) -> str:
             None: "full fine-tuning"}[s.adapter]
     if s.adapter:
         what += f", r={s.lora_r} on {len(s.targets)} module types"
+    ckpt = _mode_name(s.checkpointing)
+    if s.checkpointing == "offload":
+        ckpt += f" ({s.offload_strategy}" + (f", last {s.keep_on_gpu} blocks kept on the GPU" if s.keep_on_gpu else "") + ")"
     lines.append(f"  {what}; {s.seq_len} tokens x micro-batch {s.micro_batch}; gradient checkpointing "
-                 f"{_mode_name(s.checkpointing)}" + (f"; MLP chunks of {s.mlp_chunk}" if s.mlp_chunk else ""))
+                 f"{ckpt}" + (f"; MLP chunks of {s.mlp_chunk}" if s.mlp_chunk else ""))
     w, a, act = c["weights"], c["adapters"], c["activations"]
     detail = {
         "weights": f"linears {_gib(w['linears'])}, embed_tokens {_gib(w['embed_tokens'])}"
