@@ -288,17 +288,25 @@ def worker(spec: dict) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             t_start = time.perf_counter()
-        ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device)
+        host_ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen)
+        ids = host_ids.to(device)
+        if spec["stack"].startswith("tunery") and ids is not host_ids:
+            from tunery.quant.embedding import with_host_copy
+
+            with_host_copy(ids, host_ids)  # what the trainer does: the CPU-held embedding reads these ids
         ctx = torch.autocast(device, dtype=autocast) if autocast is not None else _null()
         with ctx:
             loss = step(ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.item()))
+        # "step": read the loss every step (a host sync each step, as before); "end": keep it on the device
+        # and read all losses after the timed steps (how a training loop that logs every N steps runs)
+        losses.append(float(loss.item()) if spec.get("loss_sync", "step") == "step" else loss.detach())
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t_start if t_start is not None else None
+    losses = [float(x) for x in losses]
     res["ok"] = True
     res["losses"] = [round(x, 4) for x in losses]
     if dt and spec["steps"]:
@@ -465,7 +473,8 @@ def part_speed(args, stacks, modes) -> dict:
                 spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=args.warmup,
                             steps=args.steps, ckpt="offload", cpu=args.cpu,
                             offload="activations" if stack == "tunery_act" else "inputs",
-                            mlp_recompute=stack in ("tunery_rc", "tunery_act"), phases=args.phases)
+                            mlp_recompute=stack in ("tunery_rc", "tunery_act"), phases=args.phases,
+                            loss_sync=args.loss_sync)
                 if stack == "tunery_act" and not args.smoke:  # the kept blocks' activations stay on the GPU:
                     spec["keep_on_gpu"] = _keep_within(spec, 0.97 * TARGETS["peak_gib"] * GiB)  # as many as fit
                 if stack.startswith("tunery"):
@@ -598,6 +607,9 @@ def main() -> None:
                     help="speed part: override a tunery worker setting, e.g. ckpt=false, mlp_recompute=true, "
                          "offload=\"activations\", keep_on_gpu=4 (diagnostics; JSON values)")
     ap.add_argument("--tag", default="", help="suffix for the files written under $OUT")
+    ap.add_argument("--loss-sync", choices=["step", "end"], default="step",
+                    help="speed part, every stack: read the loss every step (a host sync per step) or only "
+                         "after the timed steps (lets the CPU run ahead into the next step)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="speed part: run the stacks this many times in turn and report each one's median run")
     ap.add_argument("--modes", default=None, help="qlora,lora16 (speed default: qlora)")

@@ -341,4 +341,25 @@ def test_gpu_cpu_embedding_rows_match_and_the_pinned_buffer_is_reused():
     rb = emb(b)
     assert ra.device.type == "cuda" and ra.shape == (2, 300, 64)
     assert torch.equal(ra.cpu(), w[a.cpu()]) and torch.equal(rb.cpu(), w[b.cpu()])
+    from tunery.quant.embedding import with_host_copy
+
+    host = torch.randint(0, 1000, (2, 300))
+    assert torch.equal(emb(with_host_copy(host.cuda(), host)).cpu(), w[host])  # ids read from the host copy
     assert emb.__dict__["_pinned"].is_pinned()
+
+
+def test_host_copy_of_device_ids_is_kept_until_they_change():
+    """The trainer keeps the CPU ids of each batch beside the device copy (so a CPU-held embedding
+    needs no device-to-host sync); an in-place change of the device ids drops the host copy."""
+    from types import SimpleNamespace
+
+    from tunery.quant.embedding import host_copy
+    from tunery.train.loop import Trainer
+
+    ids = torch.randint(0, 100, (2, 7))
+    batch = Trainer._to_device(SimpleNamespace(device=torch.device("meta")), {"input_ids": ids, "n": 3})
+    assert batch["n"] == 3 and batch["input_ids"].device.type == "meta"
+    assert host_copy(batch["input_ids"]) is ids
+    assert host_copy(torch.empty(2, 7, dtype=torch.long)) is None
+    batch["input_ids"].add_(1)  # changed on the device: the host copy no longer holds its values
+    assert host_copy(batch["input_ids"]) is None

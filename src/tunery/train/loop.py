@@ -164,7 +164,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- helpers
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        out = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor) and out["input_ids"] is not ids:  # a CPU-held embedding reads these
+            from ..quant.embedding import with_host_copy
+
+            with_host_copy(out["input_ids"], ids)
+        return out
 
     def _autocast(self):
         if self.autocast is None:
