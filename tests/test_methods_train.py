@@ -89,3 +89,29 @@ def test_kto_full_finetune_with_precomputed_reference(tiny_llama, tmp_path, monk
     assert steps[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
     assert list((tmp_path / "cache").rglob("*-train.json")), "the reference log-probs are cached"
     assert (run / "model" / "model.safetensors").is_file() or list((run / "model").glob("*.safetensors"))
+
+
+def test_step_rows_are_written_in_order_with_their_tokens(tiny_llama, gsm8k_small, tmp_path):
+    """The step numbers reach the host after the next step is queued (no sync per micro-batch): the
+    rows still come in step order, each eval row after its step's row, the token count is cumulative
+    and a checkpoint records the tokens of its own step."""
+    from tunery.train.loop import train
+
+    cfg = {"base_model": str(tiny_llama), "adapter": "lora", "lora_r": 4, "lora_target_linear": True,
+           "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
+                         "field_output": "answer"}],
+           "sequence_len": 256, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 5,
+           "learning_rate": 1e-3, "val_set_size": 4, "eval_steps": 2, "save_steps": 2, "seed": 5,
+           "output_dir": str(tmp_path / "run"), "progress_bar": False,
+           "dataset_prepared_path": str(tmp_path / "prepared")}
+    run = train(cfg)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "step" in r]
+    kinds = [(r["step"], "eval" if "eval_loss" in r else "train") for r in rows]
+    assert kinds == [(1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train"), (4, "eval"),
+                     (5, "train"), (5, "eval")], kinds
+    train_rows = [r for r in rows if "loss" in r and "eval_loss" not in r]
+    tokens = [r["tokens"] for r in train_rows]
+    assert all(b > a for a, b in zip(tokens, tokens[1:])) and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in train_rows)
+    state = json.loads((run / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert state["tokens_seen"] == train_rows[3]["tokens"]

@@ -117,19 +117,20 @@ def sync_gradients(model: torch.nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None, as_tensor: bool = False):
     """Global L2 norm of the gradients (clipped to `max_norm` when set); works for FSDP2's DTensor
-    gradients, whose norm is reduced over the shards."""
+    gradients, whose norm is reduced over the shards. `as_tensor`: the norm stays on the device
+    (no host sync), else a float."""
     params = [p for p in params if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(()) if as_tensor else 0.0
     grads = [p.grad for p in params]
     total = torch.nn.utils.get_total_norm(grads, foreach=False)
     if hasattr(total, "full_tensor"):
         total = total.full_tensor()
     if max_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
-    return float(total)
+    return total.detach() if as_tensor else float(total)
 
 
 def reshard(model: torch.nn.Module) -> None:

@@ -426,7 +426,7 @@ class GRPOTrainer(Trainer):
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{ro.metrics['reward']:.3f}",
                                 len=f"{ro.metrics['completion_len_mean']:.0f}")
-                self._after_step(step, total_steps, logger, optimizer, scheduler, tokens_seen,
+                self._after_step(step, total_steps, logger, optimizer, scheduler, lambda n=tokens_seen: n,
                                  lambda: elapsed_before + time.perf_counter() - t_run)
             ro = None
             self._finish(logger, step)

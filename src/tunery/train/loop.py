@@ -256,12 +256,21 @@ class Trainer:
         step = start_step
         t_run = time.perf_counter()
         status = "completed"
+        pending: _StepNumbers | None = None  # the last step's numbers, not yet read back and logged
+
+        def settle() -> int:
+            """Write the pending step's row; the tokens seen so far."""
+            nonlocal pending, tokens_seen
+            if pending is not None:
+                tokens_seen, pending = pending.write(logger, bar, tokens_seen), None
+            return tokens_seen
+
         try:
             while step < total_steps:
                 t0 = time.perf_counter()
                 batches, normalizer, epoch = self.step_batches(step)
-                loss_total = 0.0
-                sums: dict[str, float] = {}
+                loss_total: torch.Tensor | float = 0.0  # kept on the device: no host sync per micro-batch
+                sums: dict[str, torch.Tensor | float] = {}
                 n_tokens = 0
                 for i, b in enumerate(batches):
                     b = self._to_device(b)
@@ -269,37 +278,35 @@ class Trainer:
                         with self._autocast():
                             loss, metrics = self.method.loss(model, b, normalizer)
                         loss.backward()
-                    loss_total += float(loss.detach())
+                    loss_total = loss_total + loss.detach()
                     n_tokens += int(b["input_ids"].numel())
                     weight = self.method.count(b) / max(normalizer, 1)
                     for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * weight
-                loss_total = _reduce_scalar(loss_total, self.device)
-                grad_norm = _clip(params, cfg.max_grad_norm)
+                        v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                        sums[k] = sums.get(k, 0.0) + v * weight
+                grad_norm = dist_util.clip_grad_norm(params, cfg.max_grad_norm, as_tensor=True)
                 optimizer.step()
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.perf_counter() - t0
-                n_tokens = int(_reduce_scalar(float(n_tokens), self.device))
-                tokens_seen += n_tokens
-                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_total, "lr": lr,
-                       "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
-                       "tokens": tokens_seen, "trained_tokens": normalizer if self.method.name == "sft" else None,
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
+                       "trained_tokens": normalizer if self.method.name == "sft" else None,
                        "elapsed_s": round(elapsed_before + time.perf_counter() - t_run, 3)}
-                row.update(_reduce_metrics(sums, self.device))
                 if self.device.type == "cuda":  # what `tunery plan` predicts (max_memory_allocated, this rank)
                     row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-                row = {k: v for k, v in row.items() if v is not None}
-                if step % cfg.logging_steps == 0 or step == total_steps:
-                    logger.log(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-                self._after_step(step, total_steps, logger, optimizer, scheduler, tokens_seen,
+                # the step's numbers reach the host without waiting for the GPU; the row is written once
+                # the next step has been queued (the CPU runs ahead), or now when this step ends the run,
+                # evaluates or checkpoints
+                done = _StepNumbers({"loss": loss_total, "tokens": float(n_tokens), **sums}, grad_norm, self.device)
+                settle()  # the previous step's row (its GPU work is done by now)
+                pending = done.with_row(row, dt, step % cfg.logging_steps == 0 or step == total_steps)
+                self._after_step(step, total_steps, logger, optimizer, scheduler, settle,
                                  lambda: elapsed_before + time.perf_counter() - t_run)
                 if _STEP_DELAY:
                     time.sleep(_STEP_DELAY)  # test hook: gives a crash test time to kill mid-run
+            settle()
             self._finish(logger, step)
         except StopRequested:
             status = "stopped"
@@ -308,6 +315,8 @@ class Trainer:
             status = "failed"
             raise
         finally:
+            if status != "failed":
+                settle()
             bar.close()
             logger.close()
             self._status(status, step, total_steps)
@@ -316,18 +325,20 @@ class Trainer:
 
     # ---- after each optimizer step, and the end of a run (shared with the GRPO recipe) -----------------
     def _after_step(self, step: int, total_steps: int, logger: Any, optimizer: Any, scheduler: Any,
-                    tokens_seen: int, elapsed: Callable[[], float]) -> None:
+                    settle: Callable[[], int], elapsed: Callable[[], float]) -> None:
         """Eval at eval_steps, a checkpoint at save_steps or when a stop was asked for (on any rank: all
         ranks stop at the same step), the status file; raises StopRequested to end the run.
-        `elapsed()`: training seconds so far, read when a checkpoint is written."""
+        `settle()` writes the step's pending row and gives the tokens seen (read before an eval row or
+        a checkpoint); `elapsed()`: training seconds so far, read when a checkpoint is written."""
         cfg = self.cfg
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
+            settle()
             ev = self.evaluate()
             if ev:
                 logger.log({"step": step, **ev})
         self.stop_flag = dist_util.any_rank(self.stop_flag)
         if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or self.stop_flag:
-            self.checkpoint(step, optimizer, scheduler, tokens_seen, elapsed())
+            self.checkpoint(step, optimizer, scheduler, settle(), elapsed())
         self._status("running", step, total_steps)
         if self.stop_flag:
             raise StopRequested
@@ -404,25 +415,50 @@ class Trainer:
             pass  # not the main thread (notebooks): Ctrl-C behaves as usual
 
 
-def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
-    return dist_util.clip_grad_norm(params, max_norm)  # FSDP's DTensor gradients included
+class _StepNumbers:
+    """One step's loss, token count, method metrics (summed over ranks) and grad norm, copied to
+    pinned host memory behind the step's GPU work. Reading them waits for that step only, so the
+    trainer can queue the next step first: a host sync per step (or per micro-batch, as
+    `float(loss)` did) keeps the CPU from running ahead, and a GPU-bound backward then cannot hide
+    a CPU-bound forward (benchmarks/RESULTS.md, issue 5)."""
 
+    def __init__(self, summed: dict[str, torch.Tensor | float], grad_norm: torch.Tensor, device: torch.device):
+        self.keys = [*summed, "grad_norm"]
+        t = torch.stack([torch.as_tensor(v, device=device).reshape(()).double() for v in summed.values()])
+        dist_util.all_reduce_sum(t)
+        t = torch.cat([t, grad_norm.to(device).reshape(1).double()])
+        if device.type == "cuda":
+            self.host = torch.empty(t.numel(), dtype=torch.float64, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = t, None
 
-def _reduce_scalar(x: float, device: torch.device) -> float:
-    if not torch.distributed.is_initialized():
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist_util.all_reduce_sum(t)
-    return float(t.item())
+    def with_row(self, row: dict[str, Any], dt: float, log: bool) -> _StepNumbers:
+        self.row, self.dt, self.log = row, dt, log
+        return self
 
-
-def _reduce_metrics(sums: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not torch.distributed.is_initialized() or not sums:
-        return sums
-    keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-    dist_util.all_reduce_sum(t)
-    return dict(zip(keys, t.tolist()))
+    def write(self, logger: Any, bar: Any, tokens_seen: int) -> int:
+        """Read the numbers back, log the row (if it is a logging step), advance the bar; returns the
+        tokens seen after this step."""
+        if self.event is not None:
+            self.event.synchronize()
+        vals = dict(zip(self.keys, self.host.tolist()))
+        n_tokens = int(vals.pop("tokens"))
+        tokens_seen += n_tokens
+        row = dict(self.row)
+        metrics = {k: v for k, v in vals.items() if k not in ("loss", "grad_norm")}
+        row.update(loss=vals["loss"], grad_norm=vals["grad_norm"], tokens=tokens_seen,
+                   tokens_per_s=n_tokens / self.dt if self.dt > 0 else 0.0, **metrics)
+        order = ["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "tokens", "trained_tokens", "elapsed_s",
+                 *metrics, "gpu_peak_gib"]
+        row = {k: row[k] for k in order if row.get(k) is not None}
+        if self.log:
+            logger.log(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        return tokens_seen
 
 
 def _progress(total: int, initial: int, enabled: bool):
