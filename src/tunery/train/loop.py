@@ -424,7 +424,7 @@ class _StepNumbers:
 
     def __init__(self, summed: dict[str, torch.Tensor | float], grad_norm: torch.Tensor, device: torch.device):
         self.keys = [*summed, "grad_norm"]
-        t = torch.stack([torch.as_tensor(v, device=device).reshape(()).double() for v in summed.values()])
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in summed.values()])
         dist_util.all_reduce_sum(t)
         t = torch.cat([t, grad_norm.to(device).reshape(1).double()])
         if device.type == "cuda":
