@@ -21,19 +21,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from dequant import timed  # noqa: E402
 
 
 def bench(fn, n: int = 10) -> float:
-    """Mean ms per call over n calls after one warm-up (CUDA events)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+    """Mean ms per call over n calls after one warm-up (CUDA events: dequant.timed)."""
+    return 1e3 * timed(fn, n, cuda=True)
 
 
 def pcie(res: dict, nbytes: int = 1 << 30) -> None:

@@ -592,8 +592,8 @@ def main() -> None:
     ap.add_argument("--stacks", default="tunery,tunery_rc,tunery_act,standard,liger",
                     help="tunery (block inputs offloaded, blocks recomputed: the trainer's "
                          "gradient_checkpointing: offload), tunery_rc (same + the fused MLP recomputes gate/up "
-                         "in backward: least memory), tunery_act (offload every saved activation, no "
-                         "recompute), standard, liger")
+                         "in backward: least memory), tunery_act (offload every saved activation, no block "
+                         "recompute, gate/up recomputed), standard, liger")
     ap.add_argument("--profile", action="store_true",
                     help="speed part: one extra step of each tunery variant under torch.profiler; the "
                          "top kernels by GPU time go to $OUT/profile_<stack>_<mode>.txt")
