@@ -109,12 +109,14 @@ def _params(mods):
     return [p for m in mods for p in m.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("with_lora", [True, False])
-def test_fused_norm_qkv_matches_modules(with_lora):
+@pytest.mark.parametrize("with_lora,alphas", [(True, (8.0, 8.0, 8.0)), (True, (8.0, 4.0, 12.0)), (False, None)])
+def test_fused_norm_qkv_matches_modules(with_lora, alphas):
+    """Mixed alphas: the scales folded into the cached A differ per projection of the group."""
     torch.manual_seed(0)
     d = 24
-    mk = (lambda o: _lora(nn.Linear(d, o, bias=True))) if with_lora else (lambda o: nn.Linear(d, o, bias=True))
-    q, k, v = mk(32), mk(16), mk(16)
+    mk = (lambda o, al: _lora(nn.Linear(d, o, bias=True), alpha=al)) if with_lora else (
+        lambda o, al: nn.Linear(d, o, bias=True))
+    q, k, v = (mk(o, al) for o, al in zip((32, 16, 16), alphas or (None,) * 3))
     nw = nn.Parameter(torch.randn(d) * 0.3 + 1)
     x = torch.randn(2, 5, d, requires_grad=True)
     params = [x, nw, *_params([q, k, v])]

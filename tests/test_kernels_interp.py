@@ -191,6 +191,74 @@ def case_fused_mlp_and_linears():
     _check_pair(fused_qkv, ref_qkv, [x, nw, ws[0], ws[1], *lora[0]], 1e-4)
 
 
+@case
+def case_nf4_dequantize_many():
+    """2 and 3 weights in one launch, single and double quantization: the same values as one launch
+    each, as views of one buffer (row blocks in order)."""
+    import torch
+
+    from tunery.quant.nf4 import NF4Weight
+
+    torch.manual_seed(0)
+    for double in (False, True):
+        for shapes in ([(48, 64), (16, 64)], [(32, 128), (16, 128), (16, 128)]):
+            ws = [NF4Weight.from_tensor(torch.randn(s), double_quant=double, dtype=torch.bfloat16) for s in shapes]
+            got = NF4Weight.dequantize_many(ws)
+            assert got[0].untyped_storage().data_ptr() == got[-1].untyped_storage().data_ptr()
+            for g, w in zip(got, ws):
+                assert g.shape == w.shape and g.dtype == torch.bfloat16
+                assert torch.equal(g, w.dequantize()), (double, shapes)
+    odd = [NF4Weight.from_tensor(torch.randn(5, 7)), NF4Weight.from_tensor(torch.randn(3, 7))]  # not whole blocks
+    for g, w in zip(NF4Weight.dequantize_many(odd), odd):
+        assert torch.equal(g, w.dequantize())
+
+
+@case
+def case_fused_qlora_groups():
+    """NF4 bases through the fused q/k/v and MLP paths (one dequantization launch per group, gate/up
+    dequantized once in the recomputing backward): the same as the dequantized dense weights."""
+    import torch
+
+    from tunery.kernels.activations import gated_act_reference
+    from tunery.kernels.lora import LinearSpec, fused_linears, fused_mlp
+    from tunery.kernels.rmsnorm import rms_norm_reference
+    from tunery.quant.nf4 import NF4Weight
+
+    torch.manual_seed(0)
+    d, i, r, s = 64, 128, 4, 2.0
+    x, nw = torch.randn(2, 5, d), torch.randn(d) * 0.2 + 1
+    qs = [NF4Weight.from_tensor(torch.randn(o, n) * 0.2, double_quant=True, dtype=torch.float32)
+          for o, n in [(i, d), (i, d), (d, i)]]
+    dense = [q.dequantize() for q in qs]
+    lora = [(torch.randn(r, n) * 0.3, torch.randn(o, r) * 0.3) for o, n in [(i, d), (i, d), (d, i)]]
+
+    def ref(x, nw, *p):
+        hn = rms_norm_reference(x, nw, 1e-6, 0.0)
+        g = hn @ dense[0].t() + s * (hn @ p[0].t()) @ p[1].t()
+        u = hn @ dense[1].t() + s * (hn @ p[2].t()) @ p[3].t()
+        h = gated_act_reference(g, u, "silu")
+        return h @ dense[2].t() + s * (h @ p[4].t()) @ p[5].t()
+
+    for recompute in (False, True):
+        def fused(x, nw, *p, recompute=recompute):
+            specs = [LinearSpec(None, None, p[2 * j], p[2 * j + 1], s, weight_fn=qs[j].dequantize, quant=qs[j])
+                     for j in range(3)]
+            return fused_mlp(x, *specs, kind="silu", norm_weight=nw, recompute=recompute, use_triton=True)
+
+        _check_pair(fused, ref, [x, nw, *[t for ab in lora for t in ab]], 1e-4)
+
+    def ref_qk(x, nw, aq, bq):
+        hn = rms_norm_reference(x, nw, 1e-6, 0.0)
+        return hn @ dense[0].t() + s * (hn @ aq.t()) @ bq.t(), hn @ dense[1].t()
+
+    def fused_qk(x, nw, aq, bq):
+        return tuple(fused_linears(x, [LinearSpec(None, None, aq, bq, s, weight_fn=qs[0].dequantize, quant=qs[0]),
+                                       LinearSpec(None, weight_fn=qs[1].dequantize, quant=qs[1])],
+                                   nw, 1e-6, 0.0, use_triton=True))
+
+    _check_pair(fused_qk, ref_qk, [x, nw, *lora[0]], 1e-4)
+
+
 def _decoder_case(hf_cfg: dict, lora: bool):
     import torch
 

@@ -68,31 +68,49 @@ def _count_step(*_args) -> None:
 register_optimizer_step_post_hook(_count_step)
 
 
-def cast_params(ts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """The parameters `ts` cast to `dtype` and concatenated along dim 0, cached on the first of them
-    until any optimizer steps or one of them changes (version, storage). A single parameter that
-    already has `dtype` comes back as it is.
+def cast_params(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple[float, ...] = 1.0) -> torch.Tensor:
+    """The parameters `ts` cast to `dtype`, times `scale`, concatenated along dim 0, cached on the
+    first of them until any optimizer steps or one of them changes (version, storage). A single
+    parameter that already has `dtype` (and scale 1) comes back as it is.
 
     Why: the fused LoRA paths need the fp32 master adapters in bf16 several times per step (forward,
-    backward, recompute). Casting each time costs a kernel launch and ~20 us of Python apiece, ~30
-    per block, and a QLoRA step of a large model waits on the CPU. A fused optimizer step does not
-    bump tensor versions, hence the global step count. Plain tensors are cast, never cached.
+    backward, recompute), the LoRA scale folded in. Casting each time costs a kernel launch and ~20 us
+    of Python apiece, ~30 per block, and a QLoRA step of a large model waits on the CPU; so does this
+    lookup (~750 calls per step of an 8B model), hence plain type checks and no generators. A fused
+    optimizer step does not bump tensor versions, hence the global step count. Plain tensors are
+    cast, never cached.
     """
-    if len(ts) == 1 and ts[0].dtype == dtype:
+    if scale == 1.0 and len(ts) == 1 and ts[0].dtype == dtype:
         return ts[0]
-    if not all(isinstance(t, torch.nn.Parameter) for t in ts):
-        return torch.cat([t.to(dtype) for t in ts]) if len(ts) > 1 else ts[0].to(dtype)
-    which = (dtype, tuple(id(t) for t in ts))
-    stamp = (_STEP[0], tuple((t._version, t.data_ptr()) for t in ts))
-    cache = getattr(ts[0], "_tunery_casts", None)
+    stamp = [_STEP[0]]
+    for t in ts:
+        if type(t) is not _Parameter and not isinstance(t, _Parameter):
+            return _cast(ts, dtype, scale)
+        stamp.append(t._version)
+        stamp.append(t.data_ptr())
+    cache = ts[0].__dict__.get("_tunery_casts")
     if cache is None:
         cache = ts[0]._tunery_casts = {}
+    which = (dtype, scale, len(ts), id(ts[-1]))
     hit = cache.get(which)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    with torch.no_grad():
-        out = torch.cat([t.detach() for t in ts]).to(dtype) if len(ts) > 1 else ts[0].detach().to(dtype)
+    out = _cast(ts, dtype, scale)
     cache[which] = (stamp, out)
+    return out
+
+
+_Parameter = torch.nn.Parameter
+
+
+def _cast(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple[float, ...]) -> torch.Tensor:
+    """cat(ts) in `dtype`, times `scale` (one factor, or one per tensor)."""
+    with torch.no_grad():
+        if isinstance(scale, tuple):
+            return torch.cat([t.detach().to(dtype) * s for t, s in zip(ts, scale, strict=True)])
+        out = torch.cat([t.detach() for t in ts]).to(dtype) if len(ts) > 1 else ts[0].detach().to(dtype)
+        if scale != 1.0:
+            out = out * scale if out.data_ptr() == ts[0].data_ptr() else out.mul_(scale)
     return out
 
 

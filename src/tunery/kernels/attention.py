@@ -217,6 +217,9 @@ _DENSE_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBacke
                 SDPBackend.MATH]
 
 
+_CUDNN_DIRECT = [True]
+
+
 def dense_causal(q, k, v, rows: int, scale: float) -> torch.Tensor:
     """Causal attention over `rows` equal rows with SDPA, cuDNN's kernel first. On Hopper it runs
     forward + backward of 2 x 2048 tokens (32/8 heads, d 128) in 0.72 ms against 1.24 ms for the
@@ -224,6 +227,16 @@ def dense_causal(q, k, v, rows: int, scale: float) -> torch.Tensor:
     n, h, d = q.shape
     t = n // rows
     qq, kk, vv = (x.view(rows, t, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
+    if q.is_cuda and _CUDNN_DIRECT[0]:
+        # the cuDNN op itself (it has its autograd formula): `with sdpa_kernel(...)` costs ~40 us of
+        # CPU per call, once per block in a forward that waits on the CPU. Any refusal (shape, build,
+        # device) turns this off for the process and SDPA picks the backend as below.
+        try:
+            out = torch.ops.aten._scaled_dot_product_cudnn_attention(qq, kk, vv, None, True, 0.0, True, False,
+                                                                     scale=scale)[0]
+            return out.transpose(1, 2).reshape(n, h, d)
+        except RuntimeError:
+            _CUDNN_DIRECT[0] = False
     with sdpa_kernel(_DENSE_ORDER, set_priority=True):
         out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=h != k.shape[1])
     return out.transpose(1, 2).reshape(n, h, d)

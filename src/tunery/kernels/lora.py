@@ -11,8 +11,8 @@ autograd Functions that save only what backward needs:
 - never the projection outputs, never act(gate) * up.
 
 The LoRA matmuls go through cuBLAS with beta=1 accumulation (no extra elementwise passes), the
-scale is folded into the [tokens, r] intermediates, and the input gradient of all projections is
-accumulated into one buffer. No weight gradient is computed for a frozen base weight. A base
+scale is folded into the cached compute-dtype copy of A (kernels.cast_params), and the input
+gradient of all projections is accumulated into one buffer. No weight gradient is computed for a frozen base weight. A base
 weight may come from `weight_fn` (QLoRA: dequantized in forward and again in backward, never kept).
 The norm and activation run as Triton kernels when `use_triton` is set, in plain PyTorch otherwise.
 """
@@ -20,7 +20,8 @@ The norm and activation run as Triton kernels when `use_triton` is set, in plain
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,10 @@ class LinearSpec:
     lora_b: torch.Tensor | None = None
     scale: float = 1.0
     weight_fn: Callable[[], torch.Tensor] | None = None
+    # the quantized storage behind weight_fn, if any: projections that share an input (q/k/v,
+    # gate/up) dequantize in one launch through type(quant).dequantize_many (duck-typed: kernels/
+    # imports nothing from quant/)
+    quant: Any = None
 
     def tensors(self) -> list[torch.Tensor | None]:
         return [self.weight, self.bias, self.lora_a, self.lora_b]
@@ -55,13 +60,45 @@ class _Meta:
     kind: str = "silu"
     recompute: bool = False
     cdt: torch.dtype | None = None  # compute dtype: autocast's when on (fp32 master weights), else x's
+    quants: list = field(default_factory=list)  # LinearSpec.quant per projection
 
 
-def _weight(ts, i: int, meta: _Meta, dtype) -> torch.Tensor:
+def _weight(ts, i: int, meta: _Meta, dtype, cache: dict | None = None) -> torch.Tensor:
+    """Projection i's base weight in `dtype`; with `cache`, a dequantized weight is made once per call
+    (the MLP backward needs gate/up for the recompute and again for the input gradient)."""
     w = ts[4 * i]
     if w is None:
+        if cache is not None and i in cache:
+            return cache[i]
         w = meta.weight_fns[i]()
+        if w.dtype != dtype:
+            w = w.to(dtype)
+        if cache is not None:
+            cache[i] = w
+        return w
     return w if w.dtype == dtype else w.to(dtype)
+
+
+def _dequant_group(ts, idx: list[int], meta: _Meta, dtype, cache: dict) -> dict:
+    """Fill `cache` with the dequantized base weights of projections idx in one launch when they have
+    the same kind of quantized storage (no-op otherwise: _weight dequantizes one at a time)."""
+    todo = [i for i in idx if ts[4 * i] is None and i not in cache]
+    qs = [meta.quants[i] if i < len(meta.quants) else None for i in todo]
+    if len(todo) < 2 or any(q is None or type(q) is not type(qs[0]) for q in qs):
+        return cache
+    many = getattr(type(qs[0]), "dequantize_many", None)
+    if many is not None:
+        for i, w in zip(todo, many(qs)):  # each weight's own dtype, then cast: as _weight does
+            cache[i] = w if w.dtype == dtype else w.to(dtype)
+    return cache
+
+
+def _scaled_a(ts, lora: list[int], meta: _Meta, dtype) -> torch.Tensor:
+    """s_i * A_i for the projections `lora`, concatenated, in `dtype` (cached until the next step):
+    the LoRA scale folded into A, so neither the forward nor the input gradient scales a [N, r]."""
+    scales = [meta.scales[i] for i in lora]
+    scale = scales[0] if all(s == scales[0] for s in scales) else tuple(scales)
+    return cast_params([ts[4 * i + 2] for i in lora], dtype, scale)
 
 
 def _lora_in(xn: torch.Tensor, ts, idx: list[int], meta: _Meta) -> torch.Tensor | None:
@@ -69,13 +106,18 @@ def _lora_in(xn: torch.Tensor, ts, idx: list[int], meta: _Meta) -> torch.Tensor 
     lora = [i for i in idx if ts[4 * i + 2] is not None]
     if not lora:
         return None
-    xa = xn @ cast_params([ts[4 * i + 2] for i in lora], xn.dtype).t()
-    scales = [meta.scales[i] for i in lora]
-    if all(s == scales[0] for s in scales):
-        return xa.mul_(scales[0])
-    col = torch.cat([torch.full((ts[4 * i + 2].shape[0],), meta.scales[i], dtype=xn.dtype, device=xn.device)
-                     for i in lora])
-    return xa.mul_(col)
+    return xn @ _scaled_a(ts, lora, meta, xn.dtype).t()
+
+
+def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in `dtype` (a LoRA weight gradient, fp32 for fp32 adapters). On CUDA, half inputs give an
+    fp32 product in one cuBLAS call: no cast launch (~15 us of CPU each, 14 per block) and no bf16
+    rounding of the gradient on the way."""
+    if a.dtype == dtype:
+        return a @ b
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
 
 
 def _slices(ts, idx: list[int]) -> dict[int, slice]:
@@ -88,8 +130,8 @@ def _slices(ts, idx: list[int]) -> dict[int, slice]:
     return out
 
 
-def _project(xn, ts, i, meta, xa_s, sl) -> torch.Tensor:
-    w = _weight(ts, i, meta, xn.dtype)
+def _project(xn, ts, i, meta, xa_s, sl, wcache: dict | None = None) -> torch.Tensor:
+    w = _weight(ts, i, meta, xn.dtype, wcache)
     bias = ts[4 * i + 1]
     if i not in sl:
         return F.linear(xn, w, bias)
@@ -99,37 +141,39 @@ def _project(xn, ts, i, meta, xa_s, sl) -> torch.Tensor:
     return out.addmm_(xn, w.t())
 
 
-def _linears_backward(xn, dys, ts, idx, meta, xa_s, need, need_dx):
+def _linears_backward(xn, dys, ts, idx, meta, xa_s, need, need_dx, wcache: dict | None = None):
     """Weight/LoRA grads of projections idx (list into ts) for output grads dys; returns dxn (or None).
 
     need: ctx.needs_input_grad offset so that need[4*i + j] is the flag of ts[4*i + j].
+    With xa_s = s (xn A^T): d(xa_s) = dy B, dB = dy^T xa_s, dA = s d(xa_s)^T xn, dxn += d(xa_s) (s A).
     """
     grads: dict[int, torch.Tensor | None] = {}
     sl = _slices(ts, idx)
-    dxa_parts, a_parts = [], []
+    dxa_parts, lora = [], []
     for i, dy in zip(idx, dys):
         if i not in sl or dy is None:
             continue
         a, b = ts[4 * i + 2], ts[4 * i + 3]
-        dxa = (dy @ cast_params([b], dy.dtype)).mul_(meta.scales[i])  # [N, r] = s * dy B
+        dxa = dy @ cast_params([b], dy.dtype)  # [N, r] = d(xa_s)
         if need[4 * i + 3]:
-            grads[4 * i + 3] = (dy.t() @ xa_s[:, sl[i]]).to(b.dtype)  # s * dy^T (x A^T)
+            grads[4 * i + 3] = _mm_to(dy.t(), xa_s[:, sl[i]], b.dtype)
         if need[4 * i + 2]:
-            grads[4 * i + 2] = (dxa.t() @ xn).to(a.dtype)
+            da = _mm_to(dxa.t(), xn, a.dtype)
+            grads[4 * i + 2] = da.mul_(meta.scales[i]) if meta.scales[i] != 1.0 else da
         dxa_parts.append(dxa)
-        a_parts.append(a)
+        lora.append(i)
     dxn = None
     if need_dx and dxa_parts:
-        a_all = cast_params(a_parts, dxa_parts[0].dtype)
+        a_all = _scaled_a(ts, lora, meta, dxa_parts[0].dtype)
         dxn = torch.cat(dxa_parts, 1) @ a_all if len(dxa_parts) > 1 else dxa_parts[0] @ a_all
     for i, dy in zip(idx, dys):
         if dy is None:
             continue
         if need_dx:
-            w = _weight(ts, i, meta, dy.dtype)
+            w = _weight(ts, i, meta, dy.dtype, wcache)
             dxn = dy @ w if dxn is None else dxn.addmm_(dy, w)
         if need[4 * i]:
-            grads[4 * i] = (dy.t() @ xn).to(ts[4 * i].dtype)
+            grads[4 * i] = _mm_to(dy.t(), xn, ts[4 * i].dtype)
         if need[4 * i + 1]:
             grads[4 * i + 1] = dy.sum(0).to(ts[4 * i + 1].dtype)
     if need_dx and dxn is None:
@@ -139,14 +183,15 @@ def _linears_backward(xn, dys, ts, idx, meta, xa_s, need, need_dx):
 
 def _norm_in(x, norm_w, meta):
     """(normalised input in the compute dtype, 1/rms or None). The norm itself runs in x's dtype."""
+    cdt = meta.cdt or x.dtype
     if norm_w is None:
-        return x.to(meta.cdt or x.dtype), None
+        return (x if x.dtype == cdt else x.to(cdt)), None
     xn, rstd = rms_norm_forward(x, norm_w, meta.eps, meta.offset, meta.use_triton)
-    return xn.to(meta.cdt or xn.dtype), rstd
+    return (xn if xn.dtype == cdt else xn.to(cdt)), rstd
 
 
 def _norm_back(dxn, x, norm_w, rstd, meta, need_x, need_w):
-    if dxn is not None:
+    if dxn is not None and dxn.dtype != x.dtype:
         dxn = dxn.to(x.dtype)
     if norm_w is None:
         return dxn, None
@@ -165,7 +210,9 @@ class FusedLinearsFunction(torch.autograd.Function):
         xn, rstd = _norm_in(x, norm_w, meta)
         xa_s = _lora_in(xn, ts, idx, meta)
         sl = _slices(ts, idx)
-        outs = [_project(xn, ts, i, meta, xa_s, sl) for i in idx]
+        wcache = _dequant_group(ts, idx, meta, xn.dtype, {})
+        outs = [_project(xn, ts, i, meta, xa_s, sl, wcache) for i in idx]
+        del wcache
         ctx.meta = meta
         ctx.save_for_backward(x, norm_w, rstd, xa_s, *ts)
         return tuple(outs)
@@ -178,7 +225,8 @@ class FusedLinearsFunction(torch.autograd.Function):
         idx = list(range(len(ts) // 4))
         xn = _norm_in(x, norm_w, meta)[0]
         need_dx = need[0] or (norm_w is not None and need[1])
-        dxn, grads = _linears_backward(xn, dys, ts, idx, meta, xa_s, need[3:], need_dx)
+        wcache = _dequant_group(ts, idx, meta, xn.dtype, {}) if need_dx else None
+        dxn, grads = _linears_backward(xn, dys, ts, idx, meta, xa_s, need[3:], need_dx, wcache)
         dx, dnw = _norm_back(dxn, x, norm_w, rstd, meta, need[0], need[1])
         return (dx, dnw, None, *[grads.get(j) for j in range(len(ts))])
 
@@ -191,8 +239,10 @@ class FusedMLPFunction(torch.autograd.Function):
         xn, rstd = _norm_in(x, norm_w, meta)
         xa_s = _lora_in(xn, ts, [0, 1], meta)
         sl = _slices(ts, [0, 1])
-        g = _project(xn, ts, 0, meta, xa_s, sl)
-        u = _project(xn, ts, 1, meta, xa_s, sl)
+        wcache = _dequant_group(ts, [0, 1], meta, xn.dtype, {})
+        g = _project(xn, ts, 0, meta, xa_s, sl, wcache)
+        u = _project(xn, ts, 1, meta, xa_s, sl, wcache)
+        del wcache
         h = gated_act_forward(g, u, meta.kind, meta.use_triton)
         ha_s = _lora_in(h, ts, [2], meta)
         out = _project(h, ts, 2, meta, ha_s, {2: slice(None)} if ha_s is not None else {})
@@ -209,49 +259,54 @@ class FusedMLPFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         tneed = need[3:]
         xn = _norm_in(x, norm_w, meta)[0]
-        fresh = g is None
-        if fresh:
-            sl = _slices(ts, [0, 1])
-            g = _project(xn, ts, 0, meta, xa_s, sl)
-            u = _project(xn, ts, 1, meta, xa_s, sl)
         dout = dout.reshape(-1, dout.shape[-1])
         grads: dict[int, torch.Tensor | None] = {}
-        # down projection: dh = dout Wd + s (dout Bd) Ad
+        # down projection first (it needs neither gate nor up): d(ha_s) = dout Bd, dh = dout Wd + d(ha_s) (s Ad)
         wd = _weight(ts, 2, meta, dout.dtype)
         if ts[10] is not None:
-            ad, bd = ts[10], ts[11]
-            dha = (dout @ cast_params([bd], dout.dtype)).mul_(meta.scales[2])
+            bd = ts[11]
+            dha = dout @ cast_params([bd], dout.dtype)
             if tneed[11]:
-                grads[11] = (dout.t() @ ha_s).to(bd.dtype)
-            dh = (dha @ cast_params([ad], dout.dtype)).addmm_(dout, wd)
+                grads[11] = _mm_to(dout.t(), ha_s, bd.dtype)
+            dh = (dha @ _scaled_a(ts, [2], meta, dout.dtype)).addmm_(dout, wd)
         else:
             dha = None
             dh = dout @ wd
+        del wd
+        need_dx = need[0] or (norm_w is not None and need[1])
+        # gate/up dequantized once (one launch) for both the recompute and the input gradient; the two
+        # [inter, hidden] weights live until the input gradient is done (the planner's 2x scratch)
+        wcache = _dequant_group(ts, [0, 1], meta, xn.dtype, {}) if (g is None or need_dx) else None
+        if g is None:
+            sl = _slices(ts, [0, 1])
+            g = _project(xn, ts, 0, meta, xa_s, sl, wcache)
+            u = _project(xn, ts, 1, meta, xa_s, sl, wcache)
         want_h = (dha is not None and tneed[10]) or tneed[8]
         # dgate/dup overwrite gate/up (recomputed, or saved and needed no more): no new [tokens, inter]
         # buffers at the backward peak. (So this backward can run once: no retain_graph double backward.)
         h, dg, du = gated_act_backward(dh, g, u, meta.kind, meta.use_triton, want_h=want_h, reuse_inputs=True)
         if dha is not None and tneed[10]:
-            grads[10] = (dha.t() @ h).to(ts[10].dtype)
+            da = _mm_to(dha.t(), h, ts[10].dtype)
+            grads[10] = da.mul_(meta.scales[2]) if meta.scales[2] != 1.0 else da
         if tneed[8]:
-            grads[8] = (dout.t() @ h).to(ts[8].dtype)
+            grads[8] = _mm_to(dout.t(), h, ts[8].dtype)
         if tneed[9]:
             grads[9] = dout.sum(0).to(ts[9].dtype)
         del h, dh
-        need_dx = need[0] or (norm_w is not None and need[1])
-        dxn, g2 = _linears_backward(xn, [dg, du], ts, [0, 1], meta, xa_s, tneed, need_dx)
+        dxn, g2 = _linears_backward(xn, [dg, du], ts, [0, 1], meta, xa_s, tneed, need_dx, wcache)
+        del wcache
         grads.update(g2)
         dx, dnw = _norm_back(dxn, x, norm_w, rstd, meta, need[0], need[1])
         return (dx, dnw, None, *[grads.get(j) for j in range(len(ts))])
 
 
-def _flat_specs(specs: list[LinearSpec]) -> tuple[list, list[float], list]:
+def _flat_specs(specs: list[LinearSpec]) -> tuple[list, list[float], list, list]:
     ts: list = []
     for s in specs:
         if s.weight is None and s.weight_fn is None:
             raise ValueError("LinearSpec needs a weight or a weight_fn")
         ts.extend(s.tensors())
-    return ts, [float(s.scale) for s in specs], [s.weight_fn for s in specs]
+    return ts, [float(s.scale) for s in specs], [s.weight_fn for s in specs], [s.quant for s in specs]
 
 
 @torch.compiler.disable
@@ -261,8 +316,8 @@ def fused_linears(x: torch.Tensor, specs: list[LinearSpec], norm_weight: torch.T
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     tri = use_triton_for(x2, use_triton) if norm_weight is not None else False
-    ts, scales, fns = _flat_specs(specs)
-    meta = _Meta(eps, float(offset), scales, fns, tri, cdt=compute_dtype(x2))
+    ts, scales, fns, quants = _flat_specs(specs)
+    meta = _Meta(eps, float(offset), scales, fns, tri, cdt=compute_dtype(x2), quants=quants)
     outs = FusedLinearsFunction.apply(x2, norm_weight, meta, *ts)
     return [o.view(*lead, o.shape[-1]) for o in outs]
 
@@ -275,8 +330,8 @@ def fused_mlp(x: torch.Tensor, gate: LinearSpec, up: LinearSpec, down: LinearSpe
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     tri = use_triton_for(x2, use_triton)
-    ts, scales, fns = _flat_specs([gate, up, down])
-    meta = _Meta(eps, float(offset), scales, fns, tri, kind, bool(recompute), compute_dtype(x2))
+    ts, scales, fns, quants = _flat_specs([gate, up, down])
+    meta = _Meta(eps, float(offset), scales, fns, tri, kind, bool(recompute), compute_dtype(x2), quants)
     out = FusedMLPFunction.apply(x2, norm_weight, meta, *ts)
     return out.view(*lead, out.shape[-1])
 

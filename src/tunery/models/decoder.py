@@ -86,7 +86,7 @@ def linear_spec(m: nn.Module) -> LinearSpec | None:
     if type(m) is nn.Linear:
         return LinearSpec(m.weight, m.bias)
     if getattr(m, "is_quantized_linear", False) and hasattr(m.weight, "dequantize"):  # quant.NF4Linear
-        return LinearSpec(None, m.bias, weight_fn=m.weight.dequantize)
+        return LinearSpec(None, m.bias, weight_fn=m.weight.dequantize, quant=m.weight)
     if not (hasattr(m, "lora_A") and hasattr(m, "lora_B") and hasattr(m, "base_weight")):
         return None
     if getattr(m, "use_dora", False) or getattr(m, "magnitude", None) is not None:
@@ -94,11 +94,13 @@ def linear_spec(m: nn.Module) -> LinearSpec | None:
     enabled = getattr(m, "enabled", True)
     if enabled and m.dropout_p and m.training:
         return None
-    w = m.weight if isinstance(m.weight, torch.Tensor) else None
+    mw = m.weight
+    w = mw if isinstance(mw, torch.Tensor) else None
     fn = None if w is not None else m.base_weight
+    quant = mw if w is None and hasattr(mw, "dequantize") else None
     if not enabled:
-        return LinearSpec(w, m.bias, weight_fn=fn)
-    return LinearSpec(w, m.bias, m.lora_A, m.lora_B, float(m.scale), fn)
+        return LinearSpec(w, m.bias, weight_fn=fn, quant=quant)
+    return LinearSpec(w, m.bias, m.lora_A, m.lora_B, float(m.scale), fn, quant)
 
 
 class KVCache:

@@ -31,10 +31,9 @@ def _table(name: str, values: tuple[float, ...], device: torch.device) -> torch.
 
 
 @triton.jit
-def _nf4_dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, code2_ptr, out_ptr,
-                        n_blocks, SCALES: tl.constexpr, HALF: tl.constexpr, DOUBLE: tl.constexpr,
-                        SCALES_PER_SCALE2: tl.constexpr):
-    pid = tl.program_id(0)
+def _dequant_blocks(pid, packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, code2_ptr, out_ptr, n_blocks,
+                    SCALES: tl.constexpr, HALF: tl.constexpr, DOUBLE: tl.constexpr,
+                    SCALES_PER_SCALE2: tl.constexpr):
     blk = pid.to(tl.int64) * SCALES + tl.arange(0, SCALES)  # [SCALES] block indices
     bmask = blk < n_blocks
     if DOUBLE:
@@ -55,6 +54,53 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_pt
     tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _nf4_dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, code2_ptr, out_ptr,
+                        n_blocks, SCALES: tl.constexpr, HALF: tl.constexpr, DOUBLE: tl.constexpr,
+                        SCALES_PER_SCALE2: tl.constexpr):
+    _dequant_blocks(tl.program_id(0), packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, code2_ptr, out_ptr,
+                    n_blocks, SCALES, HALF, DOUBLE, SCALES_PER_SCALE2)
+
+
+@triton.jit
+def _nf4_dequant3_kernel(p0, a0, s0, f0, o0, n0, p1, a1, s1, f1, o1, n1, p2, a2, s2, f2, o2, n2,
+                         code_ptr, code2_ptr, progs0, progs1,
+                         SCALES: tl.constexpr, HALF: tl.constexpr, DOUBLE: tl.constexpr,
+                         SCALES_PER_SCALE2: tl.constexpr):
+    """Up to three weights in one launch (q/k/v, gate/up): the first progs0 programs expand weight 0,
+    the next progs1 weight 1, the rest weight 2."""
+    pid = tl.program_id(0)
+    if pid < progs0:
+        _dequant_blocks(pid, p0, a0, s0, f0, code_ptr, code2_ptr, o0, n0, SCALES, HALF, DOUBLE, SCALES_PER_SCALE2)
+    elif pid < progs0 + progs1:
+        _dequant_blocks(pid - progs0, p1, a1, s1, f1, code_ptr, code2_ptr, o1, n1, SCALES, HALF, DOUBLE,
+                        SCALES_PER_SCALE2)
+    else:
+        _dequant_blocks(pid - progs0 - progs1, p2, a2, s2, f2, code_ptr, code2_ptr, o2, n2, SCALES, HALF, DOUBLE,
+                        SCALES_PER_SCALE2)
+
+
+_SCALES = 64  # blocks per program: 4096 weights, 2 KiB in, 8 KiB out (bf16)
+
+
+def dequantize_nf4_many_triton(parts: list[tuple], outs: list[torch.Tensor]) -> None:
+    """Dequantize 2 or 3 weights in one launch. parts[i] = (packed, absmax, absmax2, offset) of the
+    same kind (all double-quantized or none); outs[i] the flat output of weight i (its blocks x 64)."""
+    double = parts[0][1].dtype == torch.uint8
+    dev = parts[0][0].device
+    code = _table("nf4", NF4_CODE_VALUES, dev)
+    code2 = _table("dyn", DYNAMIC_CODE_VALUES, dev)
+    args, progs = [], []
+    for (packed, absmax, absmax2, offset), out in zip(parts, outs):
+        nb = packed.numel() // HALF
+        progs.append(triton.cdiv(nb, _SCALES))
+        args += [packed, absmax, absmax2 if double else code, offset if double else code, out, nb]
+    if len(parts) == 2:
+        args += args[6:12]  # a third slot no program reaches
+    _nf4_dequant3_kernel[(sum(progs),)](*args, code, code2, progs[0], progs[1],
+                                       SCALES=_SCALES, HALF=HALF, DOUBLE=double, SCALES_PER_SCALE2=NESTED_BLOCK)
+
+
 def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int, dtype: torch.dtype,
                           absmax2: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
     n_blocks = packed.numel() // HALF
@@ -62,7 +108,7 @@ def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int
     double = absmax.dtype == torch.uint8
     code = _table("nf4", NF4_CODE_VALUES, packed.device)
     code2 = _table("dyn", DYNAMIC_CODE_VALUES, packed.device)
-    scales = 64  # blocks per program: 4096 weights, 2 KiB in, 8 KiB out (bf16)
+    scales = _SCALES
     grid = (triton.cdiv(n_blocks, scales),)
     _nf4_dequant_kernel[grid](
         packed, absmax, absmax2 if double else code, offset if double else code, code, code2, out, n_blocks,

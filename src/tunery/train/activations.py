@@ -359,10 +359,13 @@ class _ActGroup:
         self.keys.clear()
 
     def pack(self, t: torch.Tensor):
-        nbytes = t.numel() * t.element_size()
-        if (nbytes < self.owner.min_bytes or isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad)
-                or not (t.is_cuda or self.simulate)):
+        # cheapest tests first, no isinstance(t, nn.Parameter) (a Python-level metaclass check): a
+        # parameter is a leaf that requires grad, or a frozen one (small, or excluded by pointer below)
+        if (t.requires_grad and t.is_leaf) or t.numel() * t.element_size() < self.owner.min_bytes:
             return t
+        if not (t.is_cuda or self.simulate) or type(t) is nn.Parameter:
+            return t
+        nbytes = t.numel() * t.element_size()
         ptr = t.untyped_storage().data_ptr()
         if ptr in self.exclude:
             return t
