@@ -181,6 +181,7 @@ def test_gpu_offload_lowers_peak_memory():
 def test_fused_block_path_with_nf4_offload_and_chunks(monkeypatch):
     """The decoder's fused path (fused norm+LoRA, fused MLP; plain-PyTorch rows on CPU) over NF4
     weights: offload and MLP chunks (wrapping forward_fused) give the plain gradients."""
+    import tunery.kernels as kernels
     import tunery.kernels.lora as kl
     import tunery.models.decoder as dec
     from tunery.quant import quantize_model
@@ -259,6 +260,7 @@ def test_activation_strategy_recomputes_gate_up_in_the_fused_mlp(monkeypatch):
     """Strategy "activations" (simulated on CPU) runs each block's fused MLP with gate/up recompute
     on (their [tokens, intermediate] tensors are not offloaded), puts the switch back afterwards, and
     gives the plain gradients over NF4 weights."""
+    import tunery.kernels as kernels
     import tunery.kernels.lora as kl
     import tunery.models.decoder as dec
     from tunery.quant import quantize_model
@@ -277,11 +279,18 @@ def test_activation_strategy_recomputes_gate_up_in_the_fused_mlp(monkeypatch):
     fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations")
     fn.simulate, fn.min_bytes = True, 1024
     ids, pos = _batch()
+    casts = []
+    orig_cast = kernels._cast
+    monkeypatch.setattr(kernels, "_cast", lambda *a: casts.append(1) or orig_cast(*a))
     torch.manual_seed(7)
     h = m(ids, pos)
     loss = (h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()
+    n_forward = len(casts)
     loss.backward()
     assert seen and all(seen), seen
+    # the scaled adapter copies made in forward serve the backward too, although the saved-tensor
+    # hooks hand back new tensor objects (the parameters do not go through them)
+    assert n_forward > 0 and len(casts) == n_forward
     assert not any(layer.mlp.recompute for layer in m.model.layers)
     g = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
     assert _max_diff(g, g0) < 1e-5

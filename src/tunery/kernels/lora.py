@@ -201,6 +201,19 @@ def _norm_back(dxn, x, norm_w, rstd, meta, need_x, need_w):
     return (dx if need_x else None), dw
 
 
+def _stash(ctx, ts) -> list:
+    """Leaf tensors of ts (the parameters) stay on ctx as themselves; the rest go to save_for_backward.
+    Why: under saved-tensor hooks (activation offload) save_for_backward hands back a new tensor
+    object in backward, and kernels.cast_params' cache of a parameter's bf16 copy lives on the
+    parameter object: every adapter was cast again in every offloaded block's backward."""
+    ctx.leaves = [t if t is not None and t.is_leaf else None for t in ts]
+    return [None if t is not None and t.is_leaf else t for t in ts]
+
+
+def _unstash(ctx, saved: list) -> list:
+    return [leaf if leaf is not None else t for leaf, t in zip(ctx.leaves, saved)]
+
+
 class FusedLinearsFunction(torch.autograd.Function):
     """(optional RMSNorm) -> n projections of one input."""
 
@@ -214,12 +227,13 @@ class FusedLinearsFunction(torch.autograd.Function):
         outs = [_project(xn, ts, i, meta, xa_s, sl, wcache) for i in idx]
         del wcache
         ctx.meta = meta
-        ctx.save_for_backward(x, norm_w, rstd, xa_s, *ts)
+        ctx.save_for_backward(x, norm_w, rstd, xa_s, *_stash(ctx, ts))
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
         x, norm_w, rstd, xa_s, *ts = ctx.saved_tensors
+        ts = _unstash(ctx, ts)
         meta = ctx.meta
         need = ctx.needs_input_grad
         idx = list(range(len(ts) // 4))
@@ -249,12 +263,13 @@ class FusedMLPFunction(torch.autograd.Function):
         ctx.meta = meta
         if meta.recompute:
             g = u = None
-        ctx.save_for_backward(x, norm_w, rstd, xa_s, ha_s, g, u, *ts)
+        ctx.save_for_backward(x, norm_w, rstd, xa_s, ha_s, g, u, *_stash(ctx, ts))
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, norm_w, rstd, xa_s, ha_s, g, u, *ts = ctx.saved_tensors
+        ts = _unstash(ctx, ts)
         meta = ctx.meta
         need = ctx.needs_input_grad
         tneed = need[3:]
