@@ -214,10 +214,11 @@ def test_dense_backend_for_one_document_per_row():
         varlen_attention(q, k, v, packed, 11, 0.3, backend="dense")
 
 
-def test_cast_params_cache_follows_the_optimizer_and_in_place_changes():
-    """The cached bf16 copies of fp32 adapters are rebuilt after every optimizer step (a fused
-    AdamW step does not bump tensor versions) and after any in-place change; plain tensors are
-    never cached."""
+def test_cast_params_cache_follows_the_optimizer_and_in_place_changes(monkeypatch):
+    """The cached bf16 copies of fp32 adapters (scaled, or not) are refreshed after every optimizer
+    step (a fused AdamW step does not bump tensor versions), all at once and in place (no per-entry
+    cast), and recast after any in-place change; plain tensors are never cached."""
+    import tunery.kernels as kernels
     from tunery.kernels import cast_params
 
     torch.manual_seed(0)
@@ -226,16 +227,26 @@ def test_cast_params_cache_follows_the_optimizer_and_in_place_changes():
     assert c1.dtype == torch.bfloat16 and c1.shape == (6, 8)
     assert cast_params([a, b], torch.bfloat16) is c1
     single = cast_params([a], torch.bfloat16)  # a second entry on the same parameter
+    scaled = cast_params([b], torch.bfloat16, 2.0)
+    mixed = cast_params([a, b], torch.bfloat16, (0.5, 3.0))
     assert cast_params([a, b], torch.bfloat16) is c1 and cast_params([a], torch.bfloat16) is single
+    torch.testing.assert_close(mixed, torch.cat([a * 0.5, b * 3.0]).detach().bfloat16())
+    casts = []
+    orig = kernels._cast
+    monkeypatch.setattr(kernels, "_cast", lambda *x: casts.append(x) or orig(*x))
     for kw in ({"fused": True}, {"foreach": False}):
         opt = torch.optim.AdamW([a, b], lr=0.1, **kw)
         (a.sum() + b.sum()).backward()
         opt.step()
         opt.zero_grad()
         c2 = cast_params([a, b], torch.bfloat16)
-        assert c2 is not c1
+        assert c2 is c1  # refreshed in place
         torch.testing.assert_close(c2, torch.cat([a, b]).detach().bfloat16())
-        c1 = c2
+        torch.testing.assert_close(cast_params([b], torch.bfloat16, 2.0), (b * 2.0).detach().bfloat16())
+        torch.testing.assert_close(cast_params([a, b], torch.bfloat16, (0.5, 3.0)),
+                                   torch.cat([a * 0.5, b * 3.0]).detach().bfloat16())
+        torch.testing.assert_close(cast_params([a], torch.bfloat16), a.detach().bfloat16())
+    assert casts == [] and cast_params([b], torch.bfloat16, 2.0) is scaled
     with torch.no_grad():
         b.add_(1.0)
     torch.testing.assert_close(cast_params([a, b], torch.bfloat16), torch.cat([a, b]).detach().bfloat16())

@@ -181,7 +181,6 @@ def test_gpu_offload_lowers_peak_memory():
 def test_fused_block_path_with_nf4_offload_and_chunks(monkeypatch):
     """The decoder's fused path (fused norm+LoRA, fused MLP; plain-PyTorch rows on CPU) over NF4
     weights: offload and MLP chunks (wrapping forward_fused) give the plain gradients."""
-    import tunery.kernels as kernels
     import tunery.kernels.lora as kl
     import tunery.models.decoder as dec
     from tunery.quant import quantize_model

@@ -11,6 +11,7 @@ config's `kernels: false`) turns every fused path off for the process.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -77,8 +78,9 @@ def cast_params(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple
     backward, recompute), the LoRA scale folded in. Casting each time costs a kernel launch and ~20 us
     of Python apiece, ~30 per block, and a QLoRA step of a large model waits on the CPU; so does this
     lookup (~750 calls per step of an 8B model), hence plain type checks and no generators. A fused
-    optimizer step does not bump tensor versions, hence the global step count. Plain tensors are
-    cast, never cached.
+    optimizer step does not bump tensor versions, hence the global step count. After a step, the
+    first lookup refreshes every cached copy in place with two multi-tensor kernels (_refresh_all)
+    instead of ~350 casts of a few launches each. Plain tensors are cast, never cached.
     """
     if scale == 1.0 and len(ts) == 1 and ts[0].dtype == dtype:
         return ts[0]
@@ -93,11 +95,59 @@ def cast_params(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple
         cache = ts[0]._tunery_casts = {}
     which = (dtype, scale, len(ts), id(ts[-1]))
     hit = cache.get(which)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
+    if hit is not None:
+        if hit[0] == stamp:
+            return hit[1]
+        if _REFRESHED[0] != _STEP[0]:
+            _refresh_all()
+            hit = cache.get(which)
+            if hit[0] == stamp:
+                return hit[1]
     out = _cast(ts, dtype, scale)
-    cache[which] = (stamp, out)
+    cache[which] = (stamp, out, [weakref.ref(t) for t in ts], scale)
+    _LIVE.append((weakref.ref(ts[0]), which))
     return out
+
+
+_LIVE: list[tuple[weakref.ref, tuple]] = []  # (first parameter, cache key) of every cached copy
+_REFRESHED = [-1]  # the optimizer step count of the last _refresh_all
+
+
+def _refresh_all() -> None:
+    """Recompute every stale cached copy in place (same tensors, new values) whose parameters kept
+    their storage and shapes: one multi-tensor copy (with the cast) and one multiply per scale."""
+    _REFRESHED[0] = _STEP[0]
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
+    scaled: dict[float, list[torch.Tensor]] = {}
+    live = []
+    for ref, which in _LIVE:
+        first = ref()
+        entry = first.__dict__.get("_tunery_casts", {}).get(which) if first is not None else None
+        ts = [r() for r in entry[2]] if entry is not None else []
+        if entry is None or any(t is None for t in ts):
+            continue
+        live.append((ref, which))
+        stamp, out, refs, scale = entry
+        new = [_STEP[0]]
+        for t in ts:
+            new.append(t._version)
+            new.append(t.data_ptr())
+        if new == stamp or new[2::2] != stamp[2::2] or sum(t.shape[0] for t in ts) != out.shape[0]:
+            continue  # fresh, or a parameter was replaced: cast again when next asked
+        parts = list(out.split([t.shape[0] for t in ts])) if len(ts) > 1 else [out]
+        dst += parts
+        src += [t.detach() for t in ts]
+        for part, s in zip(parts, scale if isinstance(scale, tuple) else [scale] * len(parts), strict=True):
+            if s != 1.0:
+                scaled.setdefault(s, []).append(part)
+        first.__dict__["_tunery_casts"][which] = (new, out, refs, scale)
+    _LIVE[:] = live
+    if dst:
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
+            for s, parts in scaled.items():
+                torch._foreach_mul_(parts, s)
 
 
 _Parameter = torch.nn.Parameter
