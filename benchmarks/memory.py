@@ -144,6 +144,7 @@ def build_tunery(spec: dict, device: str):
     apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"),
                         keep_on_gpu=spec.get("keep_on_gpu", 0), offload=spec.get("offload", "inputs"))
     model.train()
+    from tunery.kernels import host_copy, with_host_copy
     from tunery.kernels.cross_entropy import linear_cross_entropy
 
     state: dict = {}
@@ -162,6 +163,9 @@ def build_tunery(spec: dict, device: str):
         hidden = model(ids, state["pos"], state["cu"], state["max"])
         flat = hidden.reshape(b * t, -1)
         labels = ids.reshape(-1)[1:]
+        host = host_copy(ids)
+        if host is not None:  # what the trainer does: the loss counts ignored labels on the host (no sync)
+            with_host_copy(labels, host.reshape(-1)[1:])
         return linear_cross_entropy(flat[:-1], model.head_weight, labels) / labels.numel()
 
     return model, step, None
@@ -288,12 +292,7 @@ def worker(spec: dict) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             t_start = time.perf_counter()
-        host_ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen)
-        ids = host_ids.to(device)
-        if spec["stack"].startswith("tunery") and ids is not host_ids:
-            from tunery.quant.embedding import with_host_copy
-
-            with_host_copy(ids, host_ids)  # what the trainer does: the CPU-held embedding reads these ids
+        ids = _batch(spec, vocab, gen, device)
         ctx = torch.autocast(device, dtype=autocast) if autocast is not None else _null()
         with ctx:
             loss = step(ids)
@@ -325,19 +324,35 @@ def worker(spec: dict) -> dict:
     return res
 
 
-def _profile_step(spec: dict, step, opt, autocast, device: str, vocab: int, gen) -> None:
-    """One more training step under torch.profiler: where the GPU time goes, kernel by kernel."""
+def _batch(spec: dict, vocab: int, gen, device: str):
+    """Random ids on `device`; for tunery with their host copy attached, as the trainer does (the
+    CPU-held embedding reads the ids and the loss counts ignored labels there: no sync per step)."""
+    import torch
+
+    host_ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen)
+    ids = host_ids.to(device)
+    if spec["stack"].startswith("tunery") and ids is not host_ids:
+        from tunery.kernels import with_host_copy
+
+        with_host_copy(ids, host_ids)
+    return ids
+
+
+def _profile_step(spec: dict, step, opt, autocast, device: str, vocab: int, gen, n: int = 2) -> None:
+    """n more training steps under torch.profiler, back to back as in the timed loop (the CPU may
+    queue a step ahead of the GPU): where the GPU time goes, kernel by kernel."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
-        with torch.autocast(device, dtype=autocast) if autocast is not None else _null():
-            loss = step(ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for _ in range(n):
+            ids = _batch(spec, vocab, gen, device)
+            with torch.autocast(device, dtype=autocast) if autocast is not None else _null():
+                loss = step(ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
@@ -365,7 +380,7 @@ def _phase_times(spec: dict, step, opt, autocast, device: str, vocab: int, gen, 
 
     times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
     for _ in range(n):
-        ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device)
+        ids = _batch(spec, vocab, gen, device)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(device, dtype=autocast) if autocast is not None else _null():
@@ -595,7 +610,7 @@ def main() -> None:
                          "in backward: least memory), tunery_act (offload every saved activation, no block "
                          "recompute, gate/up recomputed), standard, liger")
     ap.add_argument("--profile", action="store_true",
-                    help="speed part: one extra step of each tunery variant under torch.profiler; the "
+                    help="speed part: two extra steps (back to back) of each tunery variant under torch.profiler; the "
                          "top kernels by GPU time go to $OUT/profile_<stack>_<mode>.txt")
     ap.add_argument("--trace", action="store_true",
                     help="like --profile, plus a chrome trace ($OUT/profile_<stack>_<mode>.json.gz) and, at the "

@@ -35,8 +35,9 @@ def summarize(events: list[dict], top: int = 25, min_gap_us: float = 5.0) -> str
     gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATS]
     if not gpu:
         return "no GPU events in the trace"
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    # runtime launches (torch ops) and driver launches (cuLaunchKernelEx: Triton, cuBLASLt's nvjet kernels)
+    launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X"
+                and e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     cpu_ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function")
                       and e.get("dur", 0) > 0), key=lambda e: e["ts"])
     starts = [e["ts"] for e in cpu_ops]

@@ -48,6 +48,47 @@ def test_linear_cross_entropy_fused_matches_reference(softcap, z_loss, every):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("every", [3, 20])
+def test_linear_cross_entropy_counts_ignored_labels_on_the_host_copy(monkeypatch, every):
+    """With a host copy of the labels (kernels.with_host_copy, as the trainer keeps for each batch)
+    the ignored rows are found there, never with nonzero() over the device labels (a device-to-host
+    sync every step on a GPU): the same loss and gradients."""
+    from tunery.kernels import with_host_copy
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 45, 16, requires_grad=True)
+    w = torch.randn(130, 16) * 0.5
+    y = torch.randint(0, 130, (2, 45))
+    y[:, ::every] = -100
+    ref = linear_cross_entropy(h, w, y, fused=True, chunk_size=8)
+    (g_ref,) = _grads(ref, [h])
+    source, scanned = {}, []  # mask storage -> the storage it was computed from; what nonzero() scanned
+    ne, nz = torch.Tensor.__ne__, torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "__ne__", lambda t, o: source.setdefault(id(r := ne(t, o)), t.data_ptr()) and r)
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **k: scanned.append(source.get(id(t))) or nz(t, *a, **k))
+    dev_y = y.clone()
+    got = linear_cross_entropy(h, w, with_host_copy(dev_y, y), fused=True, chunk_size=8)
+    (g,) = _grads(got, [h])
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(g, g_ref)
+    assert dev_y.data_ptr() not in scanned
+    linear_cross_entropy(h, w, dev_y.add_(0), fused=True, chunk_size=8)  # changed since: no host copy
+    assert dev_y.data_ptr() in scanned
+
+
+def test_shifted_labels_carry_their_host_copy():
+    from tunery.kernels import host_copy, with_host_copy
+    from tunery.methods.common import shifted_labels
+
+    labels = torch.tensor([[5, 6, 7, -100, 9, 10]])
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1]])
+    batch = {"labels": with_host_copy(labels.clone(), labels), "position_ids": with_host_copy(pos.clone(), pos)}
+    out = shifted_labels(batch)
+    assert out.tolist() == [[6, 7, -100, -100, 10, -100]]
+    assert torch.equal(host_copy(out), out)
+    assert host_copy(shifted_labels({"labels": labels, "position_ids": pos})) is None
+
+
 def test_linear_cross_entropy_edge_cases():
     torch.manual_seed(0)
     h = torch.randn(6, 8, requires_grad=True)

@@ -328,8 +328,8 @@ def test_gpu_nf4_linear_keeps_no_dequantized_weight():
 
 @pytest.mark.gpu
 def test_gpu_cpu_embedding_rows_match_and_the_pinned_buffer_is_reused():
-    """GPU ids: rows gathered on the host into one page-locked buffer, sent asynchronously; two
-    lookups in a row (the second overwrites the buffer) both give the table's rows."""
+    """GPU ids: rows gathered on the host into page-locked buffers (two in turn), sent asynchronously;
+    lookups in a row (the third refills the first buffer) all give the table's rows."""
     from tunery.quant.embedding import CPUEmbedding
 
     torch.manual_seed(0)
@@ -345,21 +345,24 @@ def test_gpu_cpu_embedding_rows_match_and_the_pinned_buffer_is_reused():
 
     host = torch.randint(0, 1000, (2, 300))
     assert torch.equal(emb(with_host_copy(host.cuda(), host)).cpu(), w[host])  # ids read from the host copy
-    assert emb.__dict__["_pinned"].is_pinned()
+    assert torch.equal(emb(a).cpu(), w[a.cpu()])  # a buffer used two lookups ago, refilled
+    assert all(buf.is_pinned() for buf, _ in emb.__dict__["_ring"])
 
 
 def test_host_copy_of_device_ids_is_kept_until_they_change():
-    """The trainer keeps the CPU ids of each batch beside the device copy (so a CPU-held embedding
-    needs no device-to-host sync); an in-place change of the device ids drops the host copy."""
+    """The trainer keeps the CPU tensors of each batch beside the device copies (so a CPU-held embedding
+    and the loss need no device-to-host sync); an in-place change of the device ids drops the host copy."""
     from types import SimpleNamespace
 
     from tunery.quant.embedding import host_copy
     from tunery.train.loop import Trainer
 
     ids = torch.randint(0, 100, (2, 7))
-    batch = Trainer._to_device(SimpleNamespace(device=torch.device("meta")), {"input_ids": ids, "n": 3})
+    labels = ids.clone()
+    batch = Trainer._to_device(SimpleNamespace(device=torch.device("meta")), {"input_ids": ids, "labels": labels,
+                                                                             "n": 3})
     assert batch["n"] == 3 and batch["input_ids"].device.type == "meta"
-    assert host_copy(batch["input_ids"]) is ids
+    assert host_copy(batch["input_ids"]) is ids and host_copy(batch["labels"]) is labels
     assert host_copy(torch.empty(2, 7, dtype=torch.long)) is None
     batch["input_ids"].add_(1)  # changed on the device: the host copy no longer holds its values
     assert host_copy(batch["input_ids"]) is None

@@ -164,6 +164,23 @@ def _cast(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple[float
     return out
 
 
+def with_host_copy(device_t: torch.Tensor, host_t: torch.Tensor) -> torch.Tensor:
+    """Remember that `host_t` (CPU) holds the values of `device_t`. Readers that need the values on
+    the host (the CPU-held embedding's ids, the loss's count of ignored labels) take them from there
+    instead of copying them back, a sync that waits for all queued GPU work and stops the CPU from
+    queueing the next step ahead of the GPU. Returns `device_t`."""
+    device_t._tunery_host = (host_t, device_t._version, device_t.shape)
+    return device_t
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor | None:
+    """The host copy set by with_host_copy, if `t` has not changed since (same version and shape)."""
+    rec = getattr(t, "_tunery_host", None)
+    if rec is None or rec[1] != t._version or rec[2] != t.shape:
+        return None
+    return rec[0]
+
+
 def use_triton_for(x: torch.Tensor, enabled: bool | None = True) -> bool:
     """Fused path for CUDA tensors; on CPU only when TRITON_INTERPRET=1 asks for it.
 

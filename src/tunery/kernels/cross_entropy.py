@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import compute_dtype, use_triton_for
+from . import compute_dtype, host_copy, use_triton_for
 
 try:
     import triton
@@ -180,12 +180,23 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
     return max(128, min(8192, 1 << max(rows, 1).bit_length() - 1))
 
 
-def _kept(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+def _kept(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, host: torch.Tensor | None = None):
     """(keep index or None, hidden rows, labels) to run through the head. Ignored rows are dropped only
-    when they are many (prompt-masked SFT): a few (row ends) cost less computed and masked than copied."""
-    keep = (labels != ignore_index).nonzero().squeeze(-1)
-    if keep.numel() >= 0.75 * labels.numel():
-        return None, hidden, labels
+    when they are many (prompt-masked SFT): a few (row ends) cost less computed and masked than copied.
+
+    `host`: the labels' values on the CPU (kernels.host_copy), when the caller has them: the count is
+    then made there, with no device-to-host sync (which would stop the CPU from queueing the backward
+    and the next step while the GPU finishes this forward)."""
+    if host is not None and host.shape == labels.shape:
+        mask = host != ignore_index
+        if int(mask.sum()) >= 0.75 * labels.numel():
+            return None, hidden, labels
+        keep = mask.nonzero().squeeze(-1)
+        keep = keep.pin_memory().to(labels.device, non_blocking=True) if labels.is_cuda else keep.to(labels.device)
+    else:
+        keep = (labels != ignore_index).nonzero().squeeze(-1)
+        if keep.numel() >= 0.75 * labels.numel():
+            return None, hidden, labels
     return keep, hidden.index_select(0, keep), labels.index_select(0, keep)
 
 
@@ -193,13 +204,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Summed token loss of hidden [N, H] through weight [V, H]; gradients computed during the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, softcap, z_loss, chunk_size, use_triton):
+    def forward(ctx, hidden, weight, labels, ignore_index, softcap, z_loss, chunk_size, use_triton, host=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Under autocast (fp32 master weights, full fine-tuning) the matmuls run in the autocast dtype,
         # cast here once; autocast is off inside so the out=/in-place accumulations keep their dtypes.
         cdt = compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
-            keep, h_all, y_all = _kept(hidden, labels, ignore_index)
+            keep, h_all, y_all = _kept(hidden, labels, ignore_index, host)
             h_all = h_all.to(cdt)
             n = h_all.shape[0]
             total = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -229,15 +240,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_h = grad_h * g.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * g.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
     """Per-token log p(label) [N] (0 where ignored); backward recomputes the chunk logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, softcap, chunk_size, use_triton):
-        keep, h_all, y_all = _kept(hidden, labels, ignore_index)
+    def forward(ctx, hidden, weight, labels, ignore_index, softcap, chunk_size, use_triton, host=None):
+        keep, h_all, y_all = _kept(hidden, labels, ignore_index, host)
         out = torch.zeros(labels.shape, device=hidden.device, dtype=torch.float32)
         w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
         step = _chunk_rows(h_all.shape[0], weight.shape[0], chunk_size)
@@ -273,7 +284,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
                 grad_w.addmm_(logits.t().to(grad_w.dtype), h.to(grad_w.dtype))
         if need_h and keep is not None:
             grad_h = torch.zeros_like(hidden).index_copy_(0, keep, grad_h)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def _use_fused(hidden: torch.Tensor, fused: bool | None) -> tuple[bool, bool]:
@@ -290,12 +301,13 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, softcap=None
     fused=None: the fused Function on CUDA (Triton rows), the checkpointed reference elsewhere;
     fused=True on CPU runs the fused Function with plain-PyTorch rows; False: the reference.
     """
+    host = host_copy(labels)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     fn, tri = _use_fused(hidden, fused)
     if fn and (torch.is_grad_enabled() or tri):
         return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, softcap, float(z_loss),
-                                                chunk_size, tri)
+                                                chunk_size, tri, None if host is None else host.reshape(-1))
     return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, softcap, z_loss, chunk_size or 4096)
 
 
@@ -303,9 +315,11 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, softcap=None
 def token_logprobs(hidden, weight, labels, ignore_index=-100, softcap=None, fused: bool | None = None,
                    chunk_size: int | None = None):
     """Per-token log p(label) [N] (0 where ignored); same `fused` rule as linear_cross_entropy."""
+    host = host_copy(labels)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     fn, tri = _use_fused(hidden, fused)
     if fn:
-        return TokenLogprobsFunction.apply(hidden, weight, labels, ignore_index, softcap, chunk_size, tri)
+        return TokenLogprobsFunction.apply(hidden, weight, labels, ignore_index, softcap, chunk_size, tri,
+                                           None if host is None else host.reshape(-1))
     return token_logprobs_reference(hidden, weight, labels, ignore_index, softcap, chunk_size or 4096)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import host_copy, with_host_copy  # noqa: F401  (with_host_copy: re-exported)
 from .nf4 import probe_apply
 
 
@@ -35,17 +36,20 @@ class CPUEmbedding(nn.Module):
         host = host_copy(input_ids)
         ids = (host if host is not None else input_ids.to("cpu")).reshape(-1)
         n, d = ids.numel(), self.embedding_dim
-        buf = self.__dict__.get("_pinned")
+        # two buffers in turn: with no sync per step the CPU queues a step ahead of the GPU, and a
+        # buffer is refilled only once the copy out of it two calls ago is done (long since)
+        ring = self.__dict__.setdefault("_ring", [[None, None], [None, None]])  # [buffer, copy event]
+        turn = self.__dict__["_turn"] = 1 - self.__dict__.get("_turn", 1)
+        buf, sent = ring[turn]
         if buf is None or buf.numel() < n * d or buf.dtype != self.weight.dtype:
-            buf = self.__dict__["_pinned"] = torch.empty(n * d, dtype=self.weight.dtype, pin_memory=True)
-        elif self.__dict__.get("_sent") is not None:
-            self.__dict__["_sent"].synchronize()  # the last copy out of the buffer is done (long since)
+            buf = ring[turn][0] = torch.empty(n * d, dtype=self.weight.dtype, pin_memory=True)
+        elif sent is not None:
+            sent.synchronize()
         rows = buf[: n * d].view(n, d)
         torch.index_select(self.weight, 0, ids, out=rows)
         out = rows.to(dev, non_blocking=True)
-        sent = torch.cuda.Event()
+        sent = ring[turn][1] = torch.cuda.Event()
         sent.record()
-        self.__dict__["_sent"] = sent
         return out.view(*input_ids.shape, d)
 
     def _apply(self, fn, recurse=True):
@@ -56,21 +60,6 @@ class CPUEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, on cpu"
-
-
-def with_host_copy(device_ids: torch.Tensor, host_ids: torch.Tensor) -> torch.Tensor:
-    """Remember that `host_ids` (CPU) holds the values of `device_ids`: a CPU-held embedding then
-    reads the ids from there instead of copying them back from the GPU. Returns `device_ids`."""
-    device_ids._tunery_host = (host_ids, device_ids._version, device_ids.shape)
-    return device_ids
-
-
-def host_copy(t: torch.Tensor) -> torch.Tensor | None:
-    """The host copy set by with_host_copy, if `t` has not changed since (same version and shape)."""
-    rec = getattr(t, "_tunery_host", None)
-    if rec is None or rec[1] != t._version or rec[2] != t.shape:
-        return None
-    return rec[0]
 
 
 def offload_embedding(model: nn.Module, name: str = "model.embed_tokens") -> bool:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import yaml
 
 from ..config import Config, load_config
+from ..kernels import with_host_copy
 from . import dcp as dist_ckpt
 from . import distributed as dist_util
 from .checkpoint import list_checkpoints, prune_checkpoints, resolve_resume, save_checkpoint
@@ -165,11 +166,11 @@ class Trainer:
     # ---------------------------------------------------------------- helpers
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        ids = batch.get("input_ids")
-        if isinstance(ids, torch.Tensor) and out["input_ids"] is not ids:  # a CPU-held embedding reads these
-            from ..quant.embedding import with_host_copy
-
-            with_host_copy(out["input_ids"], ids)
+        # the host values stay known (kernels.with_host_copy): the CPU-held embedding reads the ids and
+        # the loss counts ignored labels there, with no device-to-host sync per step
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor) and out[k] is not v:
+                with_host_copy(out[k], v)
         return out
 
     def _autocast(self):
