@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import subprocess
@@ -163,7 +164,7 @@ def build_tunery(spec: dict, device: str):
         hidden = model(ids, state["pos"], state["cu"], state["max"])
         flat = hidden.reshape(b * t, -1)
         labels = ids.reshape(-1)[1:]
-        host = host_copy(ids)
+        host = host_copy(ids) if spec.get("label_host", True) else None
         if host is not None:  # what the trainer does: the loss counts ignored labels on the host (no sync)
             with_host_copy(labels, host.reshape(-1)[1:])
         return linear_cross_entropy(flat[:-1], model.head_weight, labels) / labels.numel()
@@ -287,10 +288,26 @@ def worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         res["static_gib"] = round(torch.cuda.memory_allocated() / GiB, 3)
     losses, t_start = [], None
+    pauses: list[float] = []  # Python garbage-collector pauses in the timed steps (ms)
+    gc_t0: list[float] = []
+
+    def gc_watch(phase, info):
+        if t_start is None:
+            return
+        if phase == "start":
+            gc_t0[:] = [time.perf_counter()]
+        elif gc_t0:
+            pauses.append(1e3 * (time.perf_counter() - gc_t0[0]))
+
+    gc.callbacks.append(gc_watch)
     for i in range(n_steps):
         if i == spec["warmup"]:
             if cuda:
                 torch.cuda.synchronize()
+            if spec.get("gc") == "frozen":  # diagnostics: no collection in the timed steps
+                gc.collect()
+                gc.freeze()
+                gc.disable()
             t_start = time.perf_counter()
         ids = _batch(spec, vocab, gen, device)
         ctx = torch.autocast(device, dtype=autocast) if autocast is not None else _null()
@@ -305,6 +322,9 @@ def worker(spec: dict) -> dict:
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t_start if t_start is not None else None
+    gc.callbacks.remove(gc_watch)
+    gc.enable()
+    res["gc_pause_ms"] = {"total": round(sum(pauses), 1), "max": round(max(pauses, default=0.0), 1), "n": len(pauses)}
     losses = [float(x) for x in losses]
     res["ok"] = True
     res["losses"] = [round(x, 4) for x in losses]
@@ -463,6 +483,8 @@ def fmt(r: dict) -> str:
     extra = f" host {r['host_pinned_gib']} GiB" if r.get("host_pinned_gib") else ""
     if r.get("phases_ms"):
         extra += " phases ms " + " ".join(f"{k} {v}" for k, v in r["phases_ms"].items())
+    if (r.get("gc_pause_ms") or {}).get("n"):
+        extra += f" gc {r['gc_pause_ms']['total']} ms in {r['gc_pause_ms']['n']} (max {r['gc_pause_ms']['max']})"
     return f"  {name:<40} peak {peak:>10}  planner {pred:>10}  {speed}{extra}  (build {r.get('build_s')} s)"
 
 
