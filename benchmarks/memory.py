@@ -304,6 +304,9 @@ def worker(spec: dict) -> dict:
         if i == spec["warmup"]:
             if cuda:
                 torch.cuda.synchronize()
+            if spec["stack"].startswith("tunery"):  # what the trainer does (train.loop.freeze_long_lived)
+                gc.collect()
+                gc.freeze()
             if spec.get("gc") == "frozen":  # diagnostics: no collection in the timed steps
                 gc.collect()
                 gc.freeze()

@@ -298,7 +298,8 @@ def test_activation_strategy_recomputes_gate_up_in_the_fused_mlp(monkeypatch):
 def test_trainer_passes_the_offload_settings(tiny_llama, gsm8k_small, tmp_path, monkeypatch):
     """`gradient_checkpointing: offload` with `offload_strategy` / `offload_keep_on_gpu` in the config
     reaches the checkpoint function the trainer installs, and the run trains (on CPU the offload falls
-    back to plain recomputation)."""
+    back to plain recomputation); the long-lived objects are frozen out of the garbage collector."""
+    import gc
     import json as _json
 
     import tunery.train.activations as acts
@@ -307,6 +308,8 @@ def test_trainer_passes_the_offload_settings(tiny_llama, gsm8k_small, tmp_path, 
     seen = []
     orig = acts.apply_checkpointing
     monkeypatch.setattr(acts, "apply_checkpointing", lambda m, mode, **kw: seen.append((mode, kw)) or orig(m, mode, **kw))
+    frozen = []  # the trainer moves the long-lived objects out of the collector's view before the loop
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(1))
     cfg = {"base_model": str(tiny_llama), "adapter": "lora", "lora_r": 4, "lora_target_linear": True,
            "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
                          "field_output": "answer"}],
@@ -316,6 +319,7 @@ def test_trainer_passes_the_offload_settings(tiny_llama, gsm8k_small, tmp_path, 
            "dataset_prepared_path": str(tmp_path / "prepared")}
     run = train(cfg)
     assert seen == [("offload", {"offload": "activations", "keep_on_gpu": 1})]
+    assert frozen == [1]
     steps = [r for r in map(_json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
 

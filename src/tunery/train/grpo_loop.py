@@ -27,7 +27,7 @@ import torch
 from ..methods.grpo import GRPO, StepTotals, completion_logps, group_advantages, rollout_batch
 from ..methods.rewards import load_rewards, score
 from . import distributed as dist_util
-from .loop import StopRequested, Trainer, _progress, seed_everything
+from .loop import StopRequested, Trainer, _progress, freeze_long_lived, seed_everything
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
 from .schedule import build_scheduler, warmup_steps_for
@@ -388,6 +388,7 @@ class GRPOTrainer(Trainer):
         logger = MetricsLogger(self.run_dir, cfg, enabled=self.main, resume_step=start_step if ckpt else None)
         bar = _progress(total_steps, start_step, self.main and cfg.progress_bar)
         self._install_signal_handlers()
+        freeze_long_lived()
         params = [p for _, p in trainable_parameters(self.model)]
         step = start_step
         t_run = time.perf_counter()
