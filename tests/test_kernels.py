@@ -67,12 +67,17 @@ def test_linear_cross_entropy_counts_ignored_labels_on_the_host_copy(monkeypatch
     monkeypatch.setattr(torch.Tensor, "__ne__", lambda t, o: source.setdefault(id(r := ne(t, o)), t.data_ptr()) and r)
     monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **k: scanned.append(source.get(id(t))) or nz(t, *a, **k))
     dev_y = y.clone()
-    got = linear_cross_entropy(h, w, with_host_copy(dev_y, y), fused=True, chunk_size=8)
+    with_host_copy(dev_y, y)
+    source.clear()  # (ids and addresses of dead tensors get reused)
+    scanned.clear()
+    got = linear_cross_entropy(h, w, dev_y, fused=True, chunk_size=8)
+    assert dev_y.data_ptr() not in scanned
     (g,) = _grads(got, [h])
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(g, g_ref)
-    assert dev_y.data_ptr() not in scanned
-    linear_cross_entropy(h, w, dev_y.add_(0), fused=True, chunk_size=8)  # changed since: no host copy
+    dev_y.add_(0)  # changed since: the host copy no longer holds its values
+    source.clear()
+    linear_cross_entropy(h, w, dev_y, fused=True, chunk_size=8)
     assert dev_y.data_ptr() in scanned
 
 
@@ -253,6 +258,48 @@ def test_dense_backend_for_one_document_per_row():
     assert one_doc_per_row(n, cu, t - 1) is None
     with pytest.raises(ValueError, match="one document per row"):
         varlen_attention(q, k, v, packed, 11, 0.3, backend="dense")
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lora_b_inside_the_base_gemm_matches_the_plain_path(recompute):
+    """K-concat groups ([xn | s xn A^T] @ [W | B_blockdiag]^T over quantized bases, on CPU through the
+    plain-PyTorch pieces): the same outputs and gradients as the separate LoRA product, for q/k/v
+    with different scales and for the MLP's gate/up (with and without their recompute)."""
+    import tunery.kernels.lora as kl
+    from tunery.quant.nf4 import NF4Weight
+
+    torch.manual_seed(0)
+    d, i, r = 64, 128, 4
+    qs = [NF4Weight.from_tensor(torch.randn(o, n) * 0.2, dtype=torch.float32) for o, n in
+          [(64, d), (32, d), (32, d), (i, d), (i, d), (d, i)]]
+    ab = [(nn.Parameter(torch.randn(r, q.shape[1]) * 0.3), nn.Parameter(torch.randn(q.shape[0], r) * 0.3)) for q in qs]
+    scales = [2.0, 0.5, 1.0, 2.0, 2.0, 2.0]
+    specs = [kl.LinearSpec(None, None, a, b, sc, weight_fn=q.dequantize, quant=q) for q, (a, b), sc in zip(qs, ab, scales)]
+    nw = nn.Parameter(torch.randn(d) * 0.2 + 1)
+    params = [nw, *[t for pair in ab for t in pair]]
+
+    def run(kcat):
+        kl.set_lora_kcat(kcat)
+        try:
+            x = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            outs = [*kl.fused_linears(x, specs[:3], nw, 1e-6, 0.0, use_triton=False),
+                    kl.fused_mlp(x, *specs[3:], norm_weight=nw, recompute=recompute, use_triton=False)]
+            loss = sum((o * torch.cos(torch.arange(o.numel()).view_as(o) * 0.1)).sum() for o in outs)
+            return outs, torch.autograd.grad(loss, [x, *params])
+        finally:
+            kl.set_lora_kcat(False)
+
+    (o0, g0) = run(False)
+    calls = []
+    orig = kl._kcat_weight
+    kl._kcat_weight = lambda *a: calls.append(1) or orig(*a)
+    try:
+        o1, g1 = run(True)
+    finally:
+        kl._kcat_weight = orig
+    assert len(calls) == 4  # q/k/v and gate/up, each forward and backward (the recompute shares it)
+    for a, b in zip(o0 + list(g0), o1 + list(g1)):  # fp32, summed in another order
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_cast_params_cache_follows_the_optimizer_and_in_place_changes(monkeypatch):

@@ -211,6 +211,12 @@ def case_nf4_dequantize_many():
     odd = [NF4Weight.from_tensor(torch.randn(5, 7)), NF4Weight.from_tensor(torch.randn(3, 7))]  # not whole blocks
     for g, w in zip(NF4Weight.dequantize_many(odd), odd):
         assert torch.equal(g, w.dequantize())
+    # into the left columns of a wider buffer (rows 64 + 40 apart), the right columns untouched
+    ws = [NF4Weight.from_tensor(torch.randn(s), double_quant=True, dtype=torch.bfloat16) for s in [(8, 64), (4, 64)]]
+    buf = torch.full((12, 104), 7.0, dtype=torch.bfloat16)
+    views = NF4Weight.dequantize_many(ws, out=buf)
+    assert torch.equal(buf[:8, :64], ws[0].dequantize()) and torch.equal(buf[8:, :64], ws[1].dequantize())
+    assert (buf[:, 64:] == 7.0).all() and views[1].data_ptr() == buf[8].data_ptr()
 
 
 @case
@@ -257,6 +263,36 @@ def case_fused_qlora_groups():
                                    nw, 1e-6, 0.0, use_triton=True))
 
     _check_pair(fused_qk, ref_qk, [x, nw, *lora[0]], 1e-4)
+
+    # the same with B inside the base GEMMs ([xn | xa_s] @ [W | B]^T), both projections with LoRA
+    import tunery.kernels.lora as kl
+
+    calls = []
+    orig = kl._kcat_weight
+    kl._kcat_weight = lambda *a: calls.append(1) or orig(*a)
+    kl.set_lora_kcat(True)
+    try:
+        for recompute in (False, True):
+            _check_pair(lambda x, nw, *p, recompute=recompute: fused_mlp(
+                x, *[LinearSpec(None, None, p[2 * j], p[2 * j + 1], s, weight_fn=qs[j].dequantize, quant=qs[j])
+                     for j in range(3)], kind="silu", norm_weight=nw, recompute=recompute, use_triton=True),
+                ref, [x, nw, *[t for ab in lora for t in ab]], 1e-4)
+        n_mlp = len(calls)
+
+        def ref_qk2(x, nw, aq, bq, ak, bk):
+            hn = rms_norm_reference(x, nw, 1e-6, 0.0)
+            return hn @ dense[0].t() + s * (hn @ aq.t()) @ bq.t(), hn @ dense[1].t() + 0.5 * (hn @ ak.t()) @ bk.t()
+
+        def fused_qk2(x, nw, aq, bq, ak, bk):
+            return tuple(fused_linears(x, [LinearSpec(None, None, aq, bq, s, weight_fn=qs[0].dequantize, quant=qs[0]),
+                                           LinearSpec(None, None, ak, bk, 0.5, weight_fn=qs[1].dequantize,
+                                                      quant=qs[1])], nw, 1e-6, 0.0, use_triton=True))
+
+        _check_pair(fused_qk2, ref_qk2, [x, nw, *lora[0], *lora[1]], 1e-4)
+    finally:
+        kl.set_lora_kcat(False)
+        kl._kcat_weight = orig
+    assert n_mlp == 4 and len(calls) == 6  # each forward and each backward (recompute included) once
 
 
 def _decoder_case(hf_cfg: dict, lora: bool):

@@ -19,6 +19,7 @@ The norm and activation run as Triton kernels when `use_triton` is set, in plain
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import cast_params, compute_dtype, use_triton_for
+from . import _STEP, cast_params, compute_dtype, use_triton_for
 from .activations import gated_act_backward, gated_act_forward
 from .rmsnorm import rms_norm_backward, rms_norm_forward
 
@@ -201,6 +202,89 @@ def _norm_back(dxn, x, norm_w, rstd, meta, need_x, need_w):
     return (dx if need_x else None), dw
 
 
+# ------------------------------------------------------------------ B inside the base GEMM (K-concat)
+_KCAT = os.environ.get("TUNERY_LORA_KCAT") == "1"  # off until measured on a GPU (benchmarks/RESULTS.md)
+
+
+def set_lora_kcat(enabled: bool) -> None:
+    """Process-wide switch for the K-concatenated LoRA groups (below); tests and benchmarks flip it."""
+    global _KCAT
+    _KCAT = bool(enabled)
+
+
+def _kcat_ok(x, norm_w, ts, idx: list[int], meta: _Meta) -> bool:
+    """A group of projections that share a normalised input, over quantized bases (dequantized each
+    call anyway), each with LoRA and no bias, runs as [xn | xa_s] @ [W | B_blockdiag]^T: one GEMM per
+    projection and no [tokens, out] product of the LoRA path (written, then read back by the base
+    GEMM), and in backward d(xa_s) comes out of the input-gradient GEMM instead of reading dy again.
+    The same values as y = xn W^T + xa_s B^T, summed in fp32 inside one GEMM."""
+    if not _KCAT or norm_w is None or len(idx) < 2 or (meta.cdt is not None and meta.cdt != x.dtype):
+        return False
+    qs = [meta.quants[i] if i < len(meta.quants) else None for i in idx]
+    if any(q is None or type(q) is not type(qs[0]) for q in qs) or not hasattr(type(qs[0]), "dequantize_many"):
+        return False
+    return all(ts[4 * i] is None and ts[4 * i + 1] is None and ts[4 * i + 2] is not None for i in idx)
+
+
+def _block_b(ts, idx: list[int], dtype) -> torch.Tensor:
+    """[sum out_i, sum r_i] block-diagonal of the B_i in `dtype`, cached until the next optimizer step."""
+    bs = [cast_params([ts[4 * i + 3]], dtype) for i in idx]
+    stamp = [_STEP[0]] + [b.data_ptr() for b in bs] + [b._version for b in bs]
+    owner = ts[4 * idx[0] + 3]
+    hit = owner.__dict__.get("_tunery_block_b") if isinstance(owner, torch.nn.Parameter) else None
+    if hit is not None and hit[0] == stamp and hit[1].dtype == dtype:
+        return hit[1]
+    with torch.no_grad():
+        out = torch.block_diag(*bs)
+    if isinstance(owner, torch.nn.Parameter):
+        owner.__dict__["_tunery_block_b"] = (stamp, out)
+    return out
+
+
+def _kcat_weight(ts, idx: list[int], meta: _Meta, dtype, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """[sum out_i, k + sum r_i]: the dequantized bases in the left k columns, B block-diagonal on the
+    right; with the rows of each projection (views)."""
+    qs = [meta.quants[i] for i in idx]
+    bb = _block_b(ts, idx, dtype)
+    w = torch.empty(bb.shape[0], k + bb.shape[1], dtype=dtype, device=bb.device)
+    type(qs[0]).dequantize_many(qs, dtype, out=w)
+    w[:, k:].copy_(bb)
+    return w, list(w.split([q.shape[0] for q in qs]))
+
+
+def _kcat_input(x, norm_w, meta: _Meta, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([N, k + r] buffer with norm(x) in its left k columns, that view, 1/rms)."""
+    k = x.shape[1]
+    buf = torch.empty(x.shape[0], k + r, dtype=x.dtype, device=x.device)
+    xn, rstd = rms_norm_forward(x, norm_w, meta.eps, meta.offset, meta.use_triton, out=buf[:, :k])
+    return buf, xn, rstd
+
+
+def _kcat_project(buf, xa_s, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    buf[:, buf.shape[1] - xa_s.shape[1]:].copy_(xa_s)
+    return [buf @ w.t() for w in rows]
+
+
+def _kcat_backward(xn, dys, ts, idx: list[int], meta: _Meta, xa_s, need, rows: list[torch.Tensor]):
+    """Input gradient (a [N, k] view) and weight grads of a K-concat group; every dy present."""
+    k = xn.shape[1]
+    sl = _slices(ts, idx)
+    grads: dict[int, torch.Tensor | None] = {}
+    dbuf = None
+    for i, dy, w in zip(idx, dys, rows):
+        dbuf = dy @ w if dbuf is None else dbuf.addmm_(dy, w)  # [N, k + r]: dxn | d(xa_s)
+        if need[4 * i + 3]:
+            grads[4 * i + 3] = _mm_to(dy.t(), xa_s[:, sl[i]], ts[4 * i + 3].dtype)
+    dxa = dbuf[:, k:].contiguous()
+    for i in idx:
+        if need[4 * i + 2]:
+            da = _mm_to(dxa[:, sl[i]].t(), xn, ts[4 * i + 2].dtype)
+            grads[4 * i + 2] = da.mul_(meta.scales[i]) if meta.scales[i] != 1.0 else da
+    dxn = dbuf[:, :k]
+    dxn.addmm_(dxa, _scaled_a(ts, idx, meta, dxa.dtype))
+    return dxn, grads
+
+
 def _stash(ctx, ts) -> list:
     """Leaf tensors of ts (the parameters) stay on ctx as themselves; the rest go to save_for_backward.
     Why: under saved-tensor hooks (activation offload) save_for_backward hands back a new tensor
@@ -220,12 +304,19 @@ class FusedLinearsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_w, meta, *ts):
         idx = list(range(len(ts) // 4))
-        xn, rstd = _norm_in(x, norm_w, meta)
-        xa_s = _lora_in(xn, ts, idx, meta)
-        sl = _slices(ts, idx)
-        wcache = _dequant_group(ts, idx, meta, xn.dtype, {})
-        outs = [_project(xn, ts, i, meta, xa_s, sl, wcache) for i in idx]
-        del wcache
+        if _kcat_ok(x, norm_w, ts, idx, meta):
+            a = _scaled_a(ts, idx, meta, x.dtype)
+            buf, xn, rstd = _kcat_input(x, norm_w, meta, a.shape[0])
+            xa_s = xn @ a.t()
+            outs = _kcat_project(buf, xa_s, _kcat_weight(ts, idx, meta, xn.dtype, xn.shape[1])[1])
+            del buf
+        else:
+            xn, rstd = _norm_in(x, norm_w, meta)
+            xa_s = _lora_in(xn, ts, idx, meta)
+            sl = _slices(ts, idx)
+            wcache = _dequant_group(ts, idx, meta, xn.dtype, {})
+            outs = [_project(xn, ts, i, meta, xa_s, sl, wcache) for i in idx]
+            del wcache
         ctx.meta = meta
         ctx.save_for_backward(x, norm_w, rstd, xa_s, *_stash(ctx, ts))
         return tuple(outs)
@@ -239,8 +330,13 @@ class FusedLinearsFunction(torch.autograd.Function):
         idx = list(range(len(ts) // 4))
         xn = _norm_in(x, norm_w, meta)[0]
         need_dx = need[0] or (norm_w is not None and need[1])
-        wcache = _dequant_group(ts, idx, meta, xn.dtype, {}) if need_dx else None
-        dxn, grads = _linears_backward(xn, dys, ts, idx, meta, xa_s, need[3:], need_dx, wcache)
+        if need_dx and all(dy is not None for dy in dys) and _kcat_ok(x, norm_w, ts, idx, meta):
+            rows = _kcat_weight(ts, idx, meta, xn.dtype, xn.shape[1])[1]
+            dxn, grads = _kcat_backward(xn, dys, ts, idx, meta, xa_s, need[3:], rows)
+            del rows
+        else:
+            wcache = _dequant_group(ts, idx, meta, xn.dtype, {}) if need_dx else None
+            dxn, grads = _linears_backward(xn, dys, ts, idx, meta, xa_s, need[3:], need_dx, wcache)
         dx, dnw = _norm_back(dxn, x, norm_w, rstd, meta, need[0], need[1])
         return (dx, dnw, None, *[grads.get(j) for j in range(len(ts))])
 
@@ -250,13 +346,20 @@ class FusedMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, norm_w, meta, *ts):
-        xn, rstd = _norm_in(x, norm_w, meta)
-        xa_s = _lora_in(xn, ts, [0, 1], meta)
-        sl = _slices(ts, [0, 1])
-        wcache = _dequant_group(ts, [0, 1], meta, xn.dtype, {})
-        g = _project(xn, ts, 0, meta, xa_s, sl, wcache)
-        u = _project(xn, ts, 1, meta, xa_s, sl, wcache)
-        del wcache
+        if _kcat_ok(x, norm_w, ts, [0, 1], meta):
+            a = _scaled_a(ts, [0, 1], meta, x.dtype)
+            buf, xn, rstd = _kcat_input(x, norm_w, meta, a.shape[0])
+            xa_s = xn @ a.t()
+            g, u = _kcat_project(buf, xa_s, _kcat_weight(ts, [0, 1], meta, xn.dtype, xn.shape[1])[1])
+            del buf, xn
+        else:
+            xn, rstd = _norm_in(x, norm_w, meta)
+            xa_s = _lora_in(xn, ts, [0, 1], meta)
+            sl = _slices(ts, [0, 1])
+            wcache = _dequant_group(ts, [0, 1], meta, xn.dtype, {})
+            g = _project(xn, ts, 0, meta, xa_s, sl, wcache)
+            u = _project(xn, ts, 1, meta, xa_s, sl, wcache)
+            del wcache
         h = gated_act_forward(g, u, meta.kind, meta.use_triton)
         ha_s = _lora_in(h, ts, [2], meta)
         out = _project(h, ts, 2, meta, ha_s, {2: slice(None)} if ha_s is not None else {})
@@ -273,7 +376,11 @@ class FusedMLPFunction(torch.autograd.Function):
         meta = ctx.meta
         need = ctx.needs_input_grad
         tneed = need[3:]
-        xn = _norm_in(x, norm_w, meta)[0]
+        kcat = _kcat_ok(x, norm_w, ts, [0, 1], meta)
+        if kcat:  # the normalised input lands in the left columns of the [xn | xa_s] buffer
+            buf, xn, _ = _kcat_input(x, norm_w, meta, xa_s.shape[1])
+        else:
+            xn = _norm_in(x, norm_w, meta)[0]
         dout = dout.reshape(-1, dout.shape[-1])
         grads: dict[int, torch.Tensor | None] = {}
         # down projection first (it needs neither gate nor up): d(ha_s) = dout Bd, dh = dout Wd + d(ha_s) (s Ad)
@@ -291,7 +398,13 @@ class FusedMLPFunction(torch.autograd.Function):
         need_dx = need[0] or (norm_w is not None and need[1])
         # gate/up dequantized once (one launch) for both the recompute and the input gradient; the two
         # [inter, hidden] weights live until the input gradient is done (the planner's 2x scratch)
-        wcache = _dequant_group(ts, [0, 1], meta, xn.dtype, {}) if (g is None or need_dx) else None
+        rows = wcache = None
+        if kcat and (g is None or need_dx):
+            rows = _kcat_weight(ts, [0, 1], meta, xn.dtype, xn.shape[1])[1]
+            if g is None:
+                g, u = _kcat_project(buf, xa_s, rows)
+        elif g is None or need_dx:
+            wcache = _dequant_group(ts, [0, 1], meta, xn.dtype, {})
         if g is None:
             sl = _slices(ts, [0, 1])
             g = _project(xn, ts, 0, meta, xa_s, sl, wcache)
@@ -308,8 +421,11 @@ class FusedMLPFunction(torch.autograd.Function):
         if tneed[9]:
             grads[9] = dout.sum(0).to(ts[9].dtype)
         del h, dh
-        dxn, g2 = _linears_backward(xn, [dg, du], ts, [0, 1], meta, xa_s, tneed, need_dx, wcache)
-        del wcache
+        if rows is not None and need_dx:
+            dxn, g2 = _kcat_backward(xn, [dg, du], ts, [0, 1], meta, xa_s, tneed, rows)
+        else:
+            dxn, g2 = _linears_backward(xn, [dg, du], ts, [0, 1], meta, xa_s, tneed, need_dx, wcache)
+        del wcache, rows
         grads.update(g2)
         dx, dnw = _norm_back(dxn, x, norm_w, rstd, meta, need[0], need[1])
         return (dx, dnw, None, *[grads.get(j) for j in range(len(ts))])

@@ -98,17 +98,18 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
-                     use_triton: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, D] (last dim contiguous) -> (y [R, D] in x.dtype, rstd [R] fp32)."""
+                     use_triton: bool = False, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, D] (last dim contiguous) -> (y [R, D] in x.dtype, rstd [R] fp32). `out`: where to write y,
+    any [R, D] view with a contiguous last dim (e.g. the left columns of a wider buffer)."""
     if not use_triton:
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
         xn = xf * rstd[:, None]
         y = (xn * (offset + weight.float())).to(x.dtype) if offset else (weight * xn.to(x.dtype)).to(x.dtype)
-        return y, rstd
+        return (y, rstd) if out is None else (out.copy_(y), rstd)
     x = x if x.stride(-1) == 1 else x.contiguous()
     n_rows, n_cols = x.shape
-    y = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
+    y = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype) if out is None else out
     rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
     if n_rows == 0:
         return y, rstd

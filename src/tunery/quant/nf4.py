@@ -245,25 +245,44 @@ class NF4Weight(nn.Module):
         return flat.view(self.shape)
 
     @staticmethod
-    def dequantize_many(weights: list[NF4Weight], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    def dequantize_many(weights: list[NF4Weight], dtype: torch.dtype | None = None,
+                        out: torch.Tensor | None = None) -> list[torch.Tensor]:
         """weights[i].dequantize(dtype) for each i; in one kernel launch when the Triton path runs and
         2-3 weights of one kind are whole blocks long (q/k/v, gate/up), as views of one buffer.
         Why: a launch costs ~40 us of CPU, and the forward of a QLoRA block dequantizes 7 weights and
-        its backward as many again, on the CPU-bound side of a step."""
+        its backward as many again, on the CPU-bound side of a step.
+
+        `out` [sum of out-dims, >= in-dim]: the weights go to its left columns, stacked by rows (the
+        fused LoRA paths keep the adapters' B in the columns to the right, kernels/lora.py)."""
         w0 = weights[0]
         dtype = dtype or w0.dtype
         from ..kernels import use_triton_for
 
+        k = w0.shape[-1]
+        if out is not None and (out.dim() != 2 or out.stride(1) != 1 or out.shape[1] < k or out.dtype != dtype
+                                or out.shape[0] != sum(w.shape[0] for w in weights)
+                                or any(len(w.shape) != 2 or w.shape[1] != k for w in weights)):
+            raise ValueError(f"dequantize_many: out {tuple(out.shape)} does not fit weights "
+                             f"{[tuple(w.shape) for w in weights]} ({dtype})")
         if (2 <= len(weights) <= 3 and w0.fused and use_triton_for(w0.packed)
+                and (out is None or k % BLOCK == 0)
                 and all(w.fused and w.double_quant == w0.double_quant and w.numel() % BLOCK == 0 and w.dtype == w0.dtype
                         and w.packed.device == w0.packed.device for w in weights)):
             from .triton_nf4 import dequantize_nf4_many_triton
 
-            buf = torch.empty(sum(w.numel() for w in weights), dtype=dtype, device=w0.packed.device)
-            outs = list(buf.split([w.numel() for w in weights]))
-            dequantize_nf4_many_triton([(w.packed, w.absmax, w.absmax2, w.absmax_offset) for w in weights], outs)
-            return [o.view(w.shape) for o, w in zip(outs, weights)]
-        return [w.dequantize(dtype) for w in weights]
+            parts = [(w.packed, w.absmax, w.absmax2, w.absmax_offset) for w in weights]
+            if out is None:
+                buf = torch.empty(sum(w.numel() for w in weights), dtype=dtype, device=w0.packed.device)
+                outs = list(buf.split([w.numel() for w in weights]))
+                dequantize_nf4_many_triton(parts, outs)
+                return [o.view(w.shape) for o, w in zip(outs, weights)]
+            rows = out.split([w.shape[0] for w in weights])
+            dequantize_nf4_many_triton(parts, [r[0] for r in rows], k, out.stride(0))  # r[0]: where row 0 starts
+            return [r[:, :k] for r in rows]
+        if out is None:
+            return [w.dequantize(dtype) for w in weights]
+        rows = out.split([w.shape[0] for w in weights])
+        return [r[:, :k].copy_(w.dequantize(dtype)) for r, w in zip(rows, weights)]
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T + b without keeping the dequantized W for backward (frozen W and b)."""

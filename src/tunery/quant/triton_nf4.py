@@ -32,7 +32,7 @@ def _table(name: str, values: tuple[float, ...], device: torch.device) -> torch.
 
 @triton.jit
 def _dequant_blocks(pid, packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, code2_ptr, out_ptr, n_blocks,
-                    SCALES: tl.constexpr, HALF: tl.constexpr, DOUBLE: tl.constexpr,
+                    row_len, row_stride, SCALES: tl.constexpr, HALF: tl.constexpr, DOUBLE: tl.constexpr,
                     SCALES_PER_SCALE2: tl.constexpr):
     blk = pid.to(tl.int64) * SCALES + tl.arange(0, SCALES)  # [SCALES] block indices
     bmask = blk < n_blocks
@@ -50,7 +50,11 @@ def _dequant_blocks(pid, packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_p
     # [SCALES, HALF, 2] -> [SCALES, 2 * HALF]: element 2i from the high nibble (tl.interleave's effect,
     # spelled with builtins so the CPU interpreter runs it too)
     vals = tl.reshape(tl.join(v_hi, v_lo), (SCALES, 2 * HALF))
-    out_offs = blk[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+    # element e = blk * 64 + j sits at row e // row_len, column e % row_len of an output whose rows are
+    # row_stride apart (row_len a multiple of 64, so a block never straddles two rows)
+    first = blk * (2 * HALF)
+    start = (first // row_len) * row_stride + first % row_len
+    out_offs = start[:, None] + tl.arange(0, 2 * HALF)[None, :]
     tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -59,33 +63,36 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_pt
                         n_blocks, SCALES: tl.constexpr, HALF: tl.constexpr, DOUBLE: tl.constexpr,
                         SCALES_PER_SCALE2: tl.constexpr):
     _dequant_blocks(tl.program_id(0), packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, code2_ptr, out_ptr,
-                    n_blocks, SCALES, HALF, DOUBLE, SCALES_PER_SCALE2)
+                    n_blocks, n_blocks * 2 * HALF, 0, SCALES, HALF, DOUBLE, SCALES_PER_SCALE2)
 
 
 @triton.jit
 def _nf4_dequant3_kernel(p0, a0, s0, f0, o0, n0, p1, a1, s1, f1, o1, n1, p2, a2, s2, f2, o2, n2,
-                         code_ptr, code2_ptr, progs0, progs1,
+                         code_ptr, code2_ptr, progs0, progs1, row_len, row_stride,
                          SCALES: tl.constexpr, HALF: tl.constexpr, DOUBLE: tl.constexpr,
                          SCALES_PER_SCALE2: tl.constexpr):
     """Up to three weights in one launch (q/k/v, gate/up): the first progs0 programs expand weight 0,
     the next progs1 weight 1, the rest weight 2."""
     pid = tl.program_id(0)
     if pid < progs0:
-        _dequant_blocks(pid, p0, a0, s0, f0, code_ptr, code2_ptr, o0, n0, SCALES, HALF, DOUBLE, SCALES_PER_SCALE2)
+        _dequant_blocks(pid, p0, a0, s0, f0, code_ptr, code2_ptr, o0, n0, row_len, row_stride,
+                        SCALES, HALF, DOUBLE, SCALES_PER_SCALE2)
     elif pid < progs0 + progs1:
-        _dequant_blocks(pid - progs0, p1, a1, s1, f1, code_ptr, code2_ptr, o1, n1, SCALES, HALF, DOUBLE,
-                        SCALES_PER_SCALE2)
+        _dequant_blocks(pid - progs0, p1, a1, s1, f1, code_ptr, code2_ptr, o1, n1, row_len, row_stride,
+                        SCALES, HALF, DOUBLE, SCALES_PER_SCALE2)
     else:
-        _dequant_blocks(pid - progs0 - progs1, p2, a2, s2, f2, code_ptr, code2_ptr, o2, n2, SCALES, HALF, DOUBLE,
-                        SCALES_PER_SCALE2)
+        _dequant_blocks(pid - progs0 - progs1, p2, a2, s2, f2, code_ptr, code2_ptr, o2, n2, row_len, row_stride,
+                        SCALES, HALF, DOUBLE, SCALES_PER_SCALE2)
 
 
 _SCALES = 64  # blocks per program: 4096 weights, 2 KiB in, 8 KiB out (bf16)
 
 
-def dequantize_nf4_many_triton(parts: list[tuple], outs: list[torch.Tensor]) -> None:
+def dequantize_nf4_many_triton(parts: list[tuple], outs: list[torch.Tensor], row_len: int = 0,
+                               row_stride: int = 0) -> None:
     """Dequantize 2 or 3 weights in one launch. parts[i] = (packed, absmax, absmax2, offset) of the
-    same kind (all double-quantized or none); outs[i] the flat output of weight i (its blocks x 64)."""
+    same kind (all double-quantized or none); outs[i] where weight i goes: flat (its blocks x 64), or
+    with row_len > 0 the first of rows of row_len values placed row_stride apart (row_len % 64 == 0)."""
     double = parts[0][1].dtype == torch.uint8
     dev = parts[0][0].device
     code = _table("nf4", NF4_CODE_VALUES, dev)
@@ -97,7 +104,9 @@ def dequantize_nf4_many_triton(parts: list[tuple], outs: list[torch.Tensor]) -> 
         args += [packed, absmax, absmax2 if double else code, offset if double else code, out, nb]
     if len(parts) == 2:
         args += args[6:12]  # a third slot no program reaches
-    _nf4_dequant3_kernel[(sum(progs),)](*args, code, code2, progs[0], progs[1],
+    if row_len <= 0:  # flat: one "row" as long as everything
+        row_len = row_stride = sum(p[0].numel() for p in parts) * 2
+    _nf4_dequant3_kernel[(sum(progs),)](*args, code, code2, progs[0], progs[1], row_len, row_stride,
                                        SCALES=_SCALES, HALF=HALF, DOUBLE=double, SCALES_PER_SCALE2=NESTED_BLOCK)
 
 
