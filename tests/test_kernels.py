@@ -335,6 +335,13 @@ def test_cast_params_cache_follows_the_optimizer_and_in_place_changes(monkeypatc
                                    torch.cat([a * 0.5, b * 3.0]).detach().bfloat16())
         torch.testing.assert_close(cast_params([a], torch.bfloat16), a.detach().bfloat16())
     assert casts == [] and cast_params([b], torch.bfloat16, 2.0) is scaled
+    n_live = len(kernels._LIVE)
+    for _ in range(3):  # a parameter whose storage moves (FSDP re-gathers it) is recast, not listed again
+        with torch.no_grad():
+            b.data = b.data.clone()
+        opt.step()
+        torch.testing.assert_close(cast_params([b], torch.bfloat16, 2.0), (b * 2.0).detach().bfloat16())
+    assert len(kernels._LIVE) == n_live
     with torch.no_grad():
         b.add_(1.0)
     torch.testing.assert_close(cast_params([a, b], torch.bfloat16), torch.cat([a, b]).detach().bfloat16())

@@ -105,7 +105,8 @@ def cast_params(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple
                 return hit[1]
     out = _cast(ts, dtype, scale)
     cache[which] = (stamp, out, [weakref.ref(t) for t in ts], scale)
-    _LIVE.append((weakref.ref(ts[0]), which))
+    if hit is None:  # a stale entry replaced here is listed already
+        _LIVE.append((weakref.ref(ts[0]), which))
     return out
 
 
