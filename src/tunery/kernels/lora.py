@@ -12,9 +12,11 @@ autograd Functions that save only what backward needs:
 
 The LoRA matmuls go through cuBLAS with beta=1 accumulation (no extra elementwise passes), the
 scale is folded into the cached compute-dtype copy of A (kernels.cast_params), and the input
-gradient of all projections is accumulated into one buffer. No weight gradient is computed for a frozen base weight. A base
-weight may come from `weight_fn` (QLoRA: dequantized in forward and again in backward, never kept).
-The norm and activation run as Triton kernels when `use_triton` is set, in plain PyTorch otherwise.
+gradient of all projections is accumulated into one buffer. No weight gradient is computed for a
+frozen base weight. A base weight may come from `weight_fn` (QLoRA: dequantized in forward and
+again in backward, never kept; q/k/v and gate/up in one launch each). With set_lora_kcat(True) a
+quantized group instead runs B inside the base GEMM (_kcat_ok). The norm and activation run as
+Triton kernels when `use_triton` is set, in plain PyTorch otherwise.
 """
 
 from __future__ import annotations
