@@ -310,6 +310,7 @@ def test_trainer_passes_the_offload_settings(tiny_llama, gsm8k_small, tmp_path, 
     monkeypatch.setattr(acts, "apply_checkpointing", lambda m, mode, **kw: seen.append((mode, kw)) or orig(m, mode, **kw))
     frozen = []  # the trainer moves the long-lived objects out of the collector's view before the loop
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(1))
+    monkeypatch.setattr(gc, "unfreeze", lambda: frozen.append(0))  # and back at the end
     cfg = {"base_model": str(tiny_llama), "adapter": "lora", "lora_r": 4, "lora_target_linear": True,
            "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
                          "field_output": "answer"}],
@@ -319,7 +320,7 @@ def test_trainer_passes_the_offload_settings(tiny_llama, gsm8k_small, tmp_path, 
            "dataset_prepared_path": str(tmp_path / "prepared")}
     run = train(cfg)
     assert seen == [("offload", {"offload": "activations", "keep_on_gpu": 1})]
-    assert frozen == [1]
+    assert frozen == [1, 0]
     steps = [r for r in map(_json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
 

@@ -16,6 +16,7 @@ Built from the Trainer's own pieces: model, optimizer, scheduler, checkpoints, m
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -442,6 +443,7 @@ class GRPOTrainer(Trainer):
             logger.close()
             self._status(status, step, total_steps)
             dist_util.shutdown()
+            gc.unfreeze()
         return self.run_dir
 
 

@@ -324,6 +324,7 @@ class Trainer:
             logger.close()
             self._status(status, step, total_steps)
             dist_util.shutdown()
+            gc.unfreeze()  # a notebook's next run: this run's objects can be collected again
         return self.run_dir
 
     # ---- after each optimizer step, and the end of a run (shared with the GRPO recipe) -----------------
@@ -555,7 +556,8 @@ def freeze_long_lived() -> None:
     collector's view. Why: its full passes rescan all tracked objects, and with a model and a dataset
     loaded one pass stalls the training loop for 0.2-0.3 s (measured on an 8B QLoRA step: 208 ms in
     one run; the transformers + peft loop, 300-330 ms per run: benchmarks/memory.py's gc_pause_ms).
-    Objects made later (each step's graph) are still collected as usual."""
+    Objects made later (each step's graph) are still collected as usual; the run's end unfreezes.
+    """
     gc.collect()
     gc.freeze()
 
