@@ -312,13 +312,7 @@ def worker(spec: dict) -> dict:
                 gc.freeze()
                 gc.disable()
             t_start = time.perf_counter()
-        ids = _batch(spec, vocab, gen, device)
-        ctx = torch.autocast(device, dtype=autocast) if autocast is not None else _null()
-        with ctx:
-            loss = step(ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _train_step(step, opt, autocast, device, _batch(spec, vocab, gen, device))
         # "step": read the loss every step (a host sync each step, as before); "end": keep it on the device
         # and read all losses after the timed steps (how a training loop that logs every N steps runs)
         losses.append(float(loss.item()) if spec.get("loss_sync", "step") == "step" else loss.detach())
@@ -361,6 +355,18 @@ def _batch(spec: dict, vocab: int, gen, device: str):
     return ids
 
 
+def _train_step(step, opt, autocast, device: str, ids):
+    """Forward (under autocast when the stack uses it), backward, optimizer step; the loss."""
+    import torch
+
+    with torch.autocast(device, dtype=autocast) if autocast is not None else _null():
+        loss = step(ids)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def _profile_step(spec: dict, step, opt, autocast, device: str, vocab: int, gen, n: int = 2) -> None:
     """n more training steps under torch.profiler, back to back as in the timed loop (the CPU may
     queue a step ahead of the GPU): where the GPU time goes, kernel by kernel."""
@@ -370,12 +376,7 @@ def _profile_step(spec: dict, step, opt, autocast, device: str, vocab: int, gen,
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(n):
-            ids = _batch(spec, vocab, gen, device)
-            with torch.autocast(device, dtype=autocast) if autocast is not None else _null():
-                loss = step(ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            _train_step(step, opt, autocast, device, _batch(spec, vocab, gen, device))
         if device == "cuda":
             torch.cuda.synchronize()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
