@@ -687,6 +687,8 @@ def main() -> None:
 
     import torch
 
+    if os.environ.get("OUT"):  # the workers write their profiles there before the report is written
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
     if args.smoke:
         args.cpu = args.cpu or not torch.cuda.is_available()
         args.steps, args.warmup = min(args.steps, 2), 1
