@@ -341,7 +341,7 @@ def test_gpu_cpu_embedding_rows_match_and_the_pinned_buffer_is_reused():
     rb = emb(b)
     assert ra.device.type == "cuda" and ra.shape == (2, 300, 64)
     assert torch.equal(ra.cpu(), w[a.cpu()]) and torch.equal(rb.cpu(), w[b.cpu()])
-    from tunery.quant.embedding import with_host_copy
+    from tunery.kernels import with_host_copy
 
     host = torch.randint(0, 1000, (2, 300))
     assert torch.equal(emb(with_host_copy(host.cuda(), host)).cpu(), w[host])  # ids read from the host copy
@@ -354,7 +354,7 @@ def test_host_copy_of_device_ids_is_kept_until_they_change():
     and the loss need no device-to-host sync); an in-place change of the device ids drops the host copy."""
     from types import SimpleNamespace
 
-    from tunery.quant.embedding import host_copy
+    from tunery.kernels import host_copy
     from tunery.train.loop import Trainer
 
     ids = torch.randint(0, 100, (2, 7))

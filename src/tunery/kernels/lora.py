@@ -86,14 +86,20 @@ def _dequant_group(ts, idx: list[int], meta: _Meta, dtype, cache: dict) -> dict:
     """Fill `cache` with the dequantized base weights of projections idx in one launch when they have
     the same kind of quantized storage (no-op otherwise: _weight dequantizes one at a time)."""
     todo = [i for i in idx if ts[4 * i] is None and i not in cache]
-    qs = [meta.quants[i] if i < len(meta.quants) else None for i in todo]
-    if len(todo) < 2 or any(q is None or type(q) is not type(qs[0]) for q in qs):
-        return cache
-    many = getattr(type(qs[0]), "dequantize_many", None)
-    if many is not None:
-        for i, w in zip(todo, many(qs)):  # each weight's own dtype, then cast: as _weight does
-            cache[i] = w if w.dtype == dtype else w.to(dtype)
+    qs = _group_quants(meta, todo)
+    if qs is not None:
+        for i, w in zip(todo, type(qs[0]).dequantize_many(qs)):  # each weight's own dtype, then cast,
+            cache[i] = w if w.dtype == dtype else w.to(dtype)  # as _weight does
     return cache
+
+
+def _group_quants(meta: _Meta, idx: list[int]) -> list | None:
+    """The quantized storages of projections idx when there are at least two, all of one type that
+    can dequantize several in one launch (dequantize_many); else None."""
+    qs = [meta.quants[i] if i < len(meta.quants) else None for i in idx]
+    if len(qs) < 2 or any(q is None or type(q) is not type(qs[0]) for q in qs):
+        return None
+    return qs if hasattr(type(qs[0]), "dequantize_many") else None
 
 
 def _scaled_a(ts, lora: list[int], meta: _Meta, dtype) -> torch.Tensor:
@@ -220,10 +226,9 @@ def _kcat_ok(x, norm_w, ts, idx: list[int], meta: _Meta) -> bool:
     projection and no [tokens, out] product of the LoRA path (written, then read back by the base
     GEMM), and in backward d(xa_s) comes out of the input-gradient GEMM instead of reading dy again.
     The same values as y = xn W^T + xa_s B^T, summed in fp32 inside one GEMM."""
-    if not _KCAT or norm_w is None or len(idx) < 2 or (meta.cdt is not None and meta.cdt != x.dtype):
+    if not _KCAT or norm_w is None or (meta.cdt is not None and meta.cdt != x.dtype):
         return False
-    qs = [meta.quants[i] if i < len(meta.quants) else None for i in idx]
-    if any(q is None or type(q) is not type(qs[0]) for q in qs) or not hasattr(type(qs[0]), "dequantize_many"):
+    if _group_quants(meta, idx) is None:
         return False
     return all(ts[4 * i] is None and ts[4 * i + 1] is None and ts[4 * i + 2] is not None for i in idx)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import host_copy, with_host_copy  # noqa: F401  (with_host_copy: re-exported)
+from ..kernels import host_copy
 from .nf4 import probe_apply
 
 

@@ -279,10 +279,10 @@ class NF4Weight(nn.Module):
             rows = out.split([w.shape[0] for w in weights])
             dequantize_nf4_many_triton(parts, [r[0] for r in rows], k, out.stride(0))  # r[0]: where row 0 starts
             return [r[:, :k] for r in rows]
+        ws = [w.dequantize(dtype) for w in weights]
         if out is None:
-            return [w.dequantize(dtype) for w in weights]
-        rows = out.split([w.shape[0] for w in weights])
-        return [r[:, :k].copy_(w.dequantize(dtype)) for r, w in zip(rows, weights)]
+            return ws
+        return [r[:, :k].copy_(w) for r, w in zip(out.split([w.shape[0] for w in weights]), ws)]
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T + b without keeping the dequantized W for backward (frozen W and b)."""
