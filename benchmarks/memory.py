@@ -139,6 +139,10 @@ def build_tunery(spec: dict, device: str):
         from tunery.models.fused import set_fused, set_mlp_recompute
 
         set_fused(model, device == "cuda")
+        if "kcat" in spec:
+            from tunery.kernels.lora import set_lora_kcat
+
+            set_lora_kcat(bool(spec["kcat"]))
         set_mlp_recompute(model, bool(spec.get("mlp_recompute", False)))
     except ImportError:
         pass
@@ -511,12 +515,15 @@ def part_speed(args, stacks, modes) -> dict:
                     if rnd == 0:
                         print(f"  {key:<40} skipped: {why}", flush=True)
                     continue
+                base = "tunery_act" if stack == "tunery_kcat" else stack  # + LoRA B inside the base GEMM
                 spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=args.warmup,
                             steps=args.steps, ckpt="offload", cpu=args.cpu,
-                            offload="activations" if stack == "tunery_act" else "inputs",
-                            mlp_recompute=stack in ("tunery_rc", "tunery_act"), phases=args.phases,
+                            offload="activations" if base == "tunery_act" else "inputs",
+                            mlp_recompute=base in ("tunery_rc", "tunery_act"), phases=args.phases,
                             loss_sync=args.loss_sync)
-                if stack == "tunery_act" and not args.smoke:  # the kept blocks' activations stay on the GPU:
+                if stack == "tunery_kcat":
+                    spec["kcat"] = True
+                if base == "tunery_act" and not args.smoke:  # the kept blocks' activations stay on the GPU:
                     spec["keep_on_gpu"] = _keep_within(spec, 0.97 * TARGETS["peak_gib"] * GiB)  # as many as fit
                 if stack.startswith("tunery"):
                     spec.update(args.set)
@@ -634,7 +641,8 @@ def main() -> None:
                     help="tunery (block inputs offloaded, blocks recomputed: the trainer's "
                          "gradient_checkpointing: offload), tunery_rc (same + the fused MLP recomputes gate/up "
                          "in backward: least memory), tunery_act (offload every saved activation, no block "
-                         "recompute, gate/up recomputed), standard, liger")
+                         "recompute, gate/up recomputed), tunery_kcat (tunery_act with LoRA B inside the base GEMM), "
+                         "standard, liger")
     ap.add_argument("--profile", action="store_true",
                     help="speed part: two extra steps (back to back) of each tunery variant under torch.profiler; the "
                          "top kernels by GPU time go to $OUT/profile_<stack>_<mode>.txt")
