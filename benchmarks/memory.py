@@ -346,12 +346,16 @@ def worker(spec: dict) -> dict:
 
 
 def _batch(spec: dict, vocab: int, gen, device: str):
-    """Random ids on `device`; for tunery with their host copy attached, as the trainer does (the
-    CPU-held embedding reads the ids and the loss counts ignored labels there: no sync per step)."""
+    """Random ids on `device`, sent as the trainer sends a batch; for tunery with their host copy
+    attached, as the trainer does (the CPU-held embedding reads the ids and the loss counts ignored
+    labels there: no sync per step)."""
     import torch
 
     host_ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen)
-    ids = host_ids.to(device)
+    # every stack gets its batch as a DataLoader with pin_memory hands it over, sent without a wait:
+    # a blocking copy (or one from pageable memory) makes the CPU wait for the previous step's GPU
+    # work, so no stack could queue a step's start while the last one still runs
+    ids = host_ids.pin_memory().to(device, non_blocking=True) if device == "cuda" else host_ids.to(device)
     if spec["stack"].startswith("tunery") and ids is not host_ids:
         from tunery.kernels import with_host_copy
 
@@ -515,14 +519,14 @@ def part_speed(args, stacks, modes) -> dict:
                     if rnd == 0:
                         print(f"  {key:<40} skipped: {why}", flush=True)
                     continue
-                base = "tunery_act" if stack == "tunery_kcat" else stack  # + LoRA B inside the base GEMM
+                base = "tunery_act" if stack == "tunery_nokcat" else stack  # LoRA B outside the base GEMM
                 spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=args.warmup,
                             steps=args.steps, ckpt="offload", cpu=args.cpu,
                             offload="activations" if base == "tunery_act" else "inputs",
                             mlp_recompute=base in ("tunery_rc", "tunery_act"), phases=args.phases,
                             loss_sync=args.loss_sync)
-                if stack == "tunery_kcat":
-                    spec["kcat"] = True
+                if stack == "tunery_nokcat":
+                    spec["kcat"] = False
                 if base == "tunery_act" and not args.smoke:  # the kept blocks' activations stay on the GPU:
                     spec["keep_on_gpu"] = _keep_within(spec, 0.97 * TARGETS["peak_gib"] * GiB)  # as many as fit
                 if stack.startswith("tunery"):
@@ -641,7 +645,7 @@ def main() -> None:
                     help="tunery (block inputs offloaded, blocks recomputed: the trainer's "
                          "gradient_checkpointing: offload), tunery_rc (same + the fused MLP recomputes gate/up "
                          "in backward: least memory), tunery_act (offload every saved activation, no block "
-                         "recompute, gate/up recomputed), tunery_kcat (tunery_act with LoRA B inside the base GEMM), "
+                         "recompute, gate/up recomputed), tunery_nokcat (tunery_act with LoRA B in its own GEMM), "
                          "standard, liger")
     ap.add_argument("--profile", action="store_true",
                     help="speed part: two extra steps (back to back) of each tunery variant under torch.profiler; the "

@@ -166,7 +166,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- helpers
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        # pinned first: from pageable memory even a non_blocking copy can make the CPU wait for the
+        # GPU, so the next step's launches could not queue while this step's backward still runs
+        pin = self.device.type == "cuda"
+        out = {k: ((v.pin_memory() if pin else v).to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
+                   else v) for k, v in batch.items()}
         # the host values stay known (kernels.with_host_copy): the CPU-held embedding reads the ids and
         # the loss counts ignored labels there, with no device-to-host sync per step
         for k, v in batch.items():
