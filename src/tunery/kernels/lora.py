@@ -15,8 +15,8 @@ scale is folded into the cached compute-dtype copy of A (kernels.cast_params), a
 gradient of all projections is accumulated into one buffer. No weight gradient is computed for a
 frozen base weight. A base weight may come from `weight_fn` (QLoRA: dequantized in forward and
 again in backward, never kept; q/k/v and gate/up in one launch each). A quantized group runs B
-inside the base GEMM (_kcat_ok; set_lora_kcat(False) or TUNERY_LORA_KCAT=0 turns that off). The norm and activation run as
-Triton kernels when `use_triton` is set, in plain PyTorch otherwise.
+inside the base GEMM (_kcat_ok; set_lora_kcat(False) or TUNERY_LORA_KCAT=0 turns that off). The
+norm and activation run as Triton kernels when `use_triton` is set, in plain PyTorch otherwise.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def _norm_back(dxn, x, norm_w, rstd, meta, need_x, need_w):
 
 
 # ------------------------------------------------------------------ B inside the base GEMM (K-concat)
-# on unless TUNERY_LORA_KCAT=0: +6% tokens/s for Llama-8B QLoRA on an H200 (benchmarks/RESULTS.md)
+# on unless TUNERY_LORA_KCAT=0: +2% to +6% tokens/s for Llama-8B QLoRA on an H200 (benchmarks/RESULTS.md)
 _KCAT = os.environ.get("TUNERY_LORA_KCAT", "1") != "0"
 
 
