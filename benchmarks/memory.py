@@ -316,6 +316,7 @@ def worker(spec: dict) -> dict:
                 gc.freeze()
                 gc.disable()
             t_start = time.perf_counter()
+            res["timed_from"] = time.time()  # the parent's clock sampler keeps the samples in this window
         loss = _train_step(step, opt, autocast, device, _batch(spec, vocab, gen, device))
         # "step": read the loss every step (a host sync each step, as before); "end": keep it on the device
         # and read all losses after the timed steps (how a training loop that logs every N steps runs)
@@ -323,6 +324,7 @@ def worker(spec: dict) -> dict:
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t_start if t_start is not None else None
+    res["timed_to"] = time.time()
     gc.callbacks.remove(gc_watch)
     gc.enable()
     res["gc_pause_ms"] = {"total": round(sum(pauses), 1), "max": round(max(pauses, default=0.0), 1), "n": len(pauses)}
@@ -439,6 +441,55 @@ class _null:
         return False
 
 
+class ClockSampler:
+    """nvidia-smi sampling the SM clock, power draw and throttle reasons every 200 ms beside a worker.
+
+    Why: a step that keeps the GPU busy all the time can be power-bound. On an H200 Tunery's QLoRA
+    step runs at ~1.5-1.7 GHz at the 700 W cap while a stack that leaves the GPU idle part of each
+    step runs near 1.9 GHz (benchmarks/RESULTS.md, fifth session): the same kernels take longer.
+    Does nothing when nvidia-smi is not on PATH."""
+
+    FIELDS = "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active"
+
+    def __init__(self, path: Path):
+        import shutil
+
+        self.path, self.proc = path, None
+        if shutil.which("nvidia-smi"):
+            self.file = open(path, "w")
+            self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits",
+                                          "-lms", "200", "-i", "0"], stdout=self.file, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.file.close()
+
+    def summary(self, t0: float, t1: float) -> dict | None:
+        """Median SM clock and power, and the share of samples under the software power cap, over the
+        timed steps [t0, t1] (wall-clock seconds)."""
+        import statistics
+        from datetime import datetime
+
+        if self.proc is None:
+            return None
+        rows = []
+        for line in self.path.read_text().splitlines():
+            parts = [x.strip() for x in line.split(",")]
+            try:
+                when = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                if t0 <= when <= t1:
+                    rows.append((float(parts[1]), float(parts[2]), int(parts[3], 16)))
+            except (ValueError, IndexError):
+                continue  # a header, a cut line or "[N/A]"
+        if not rows:
+            return None
+        return {"samples": len(rows), "sm_mhz_median": statistics.median(r[0] for r in rows),
+                "power_w_median": round(statistics.median(r[1] for r in rows), 1),
+                "power_capped_share": round(sum(1 for r in rows if r[2] & 0x4) / len(rows), 2)}
+
+
 def run_worker(spec: dict, timeout: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
@@ -447,13 +498,19 @@ def run_worker(spec: dict, timeout: int) -> dict:
         env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--result", str(out)]
         t = time.perf_counter()
+        clocks = ClockSampler(Path(tmp) / "clocks.csv") if not spec.get("cpu") else None
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
             tail, code = proc.stderr[-3000:], proc.returncode
         except subprocess.TimeoutExpired as e:
             tail, code = (e.stderr or b"")[-3000:] if isinstance(e.stderr, bytes) else str(e.stderr)[-3000:], "timeout"
+        finally:
+            if clocks is not None:
+                clocks.stop()
         if out.exists():
             res = json.loads(out.read_text())
+            if clocks is not None and res.get("timed_from"):
+                res["gpu_clocks"] = clocks.summary(res["timed_from"], res["timed_to"])
         else:
             res = {k: v for k, v in spec.items() if k != "model"}
             res.update(ok=False, error=f"exit {code}" + (" (killed: host memory?)" if code == -9 else ""),
@@ -495,6 +552,9 @@ def fmt(r: dict) -> str:
     extra = f" host {r['host_pinned_gib']} GiB" if r.get("host_pinned_gib") else ""
     if r.get("phases_ms"):
         extra += " phases ms " + " ".join(f"{k} {v}" for k, v in r["phases_ms"].items())
+    if r.get("gpu_clocks"):
+        c = r["gpu_clocks"]
+        extra += f" sm {c['sm_mhz_median']:.0f} MHz {c['power_w_median']:.0f} W (capped {c['power_capped_share']:.0%})"
     if (r.get("gc_pause_ms") or {}).get("n"):
         extra += f" gc {r['gc_pause_ms']['total']} ms in {r['gc_pause_ms']['n']} (max {r['gc_pause_ms']['max']})"
     return f"  {name:<40} peak {peak:>10}  planner {pred:>10}  {speed}{extra}  (build {r.get('build_s')} s)"
