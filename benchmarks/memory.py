@@ -308,9 +308,10 @@ def worker(spec: dict) -> dict:
         if i == spec["warmup"]:
             if cuda:
                 torch.cuda.synchronize()
-            if spec["stack"].startswith("tunery"):  # what the trainer does (train.loop.freeze_long_lived)
-                gc.collect()
-                gc.freeze()
+            if spec["stack"].startswith("tunery"):  # what the trainer does
+                from tunery.train.loop import freeze_long_lived
+
+                freeze_long_lived()
             if spec.get("gc") == "frozen":  # diagnostics: no collection in the timed steps
                 gc.collect()
                 gc.freeze()
@@ -560,6 +561,20 @@ def fmt(r: dict) -> str:
     return f"  {name:<40} peak {peak:>10}  planner {pred:>10}  {speed}{extra}  (build {r.get('build_s')} s)"
 
 
+def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 2,
+               steps: int = 5, cpu: bool = False, phases: bool = False, loss_sync: str = "step") -> dict:
+    """A speed-part worker's settings for one stack (also benchmarks/step_lead.py's)."""
+    base = "tunery_act" if stack == "tunery_nokcat" else stack  # LoRA B outside the base GEMM
+    spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=warmup, steps=steps,
+                ckpt="offload", cpu=cpu, offload="activations" if base == "tunery_act" else "inputs",
+                mlp_recompute=base in ("tunery_rc", "tunery_act"), phases=phases, loss_sync=loss_sync)
+    if stack == "tunery_nokcat":
+        spec["kcat"] = False
+    if base == "tunery_act" and not smoke:  # the kept blocks' activations stay on the GPU: as many as fit
+        spec["keep_on_gpu"] = _keep_within(spec, 0.97 * TARGETS["peak_gib"] * GiB)
+    return spec
+
+
 def part_speed(args, stacks, modes) -> dict:
     """Each stack in its own subprocess; with --rounds N the stacks run N times in turn (the order
     rotated each round) and each stack's median run is reported: a shared host's CPU speed drifts
@@ -579,16 +594,8 @@ def part_speed(args, stacks, modes) -> dict:
                     if rnd == 0:
                         print(f"  {key:<40} skipped: {why}", flush=True)
                     continue
-                base = "tunery_act" if stack == "tunery_nokcat" else stack  # LoRA B outside the base GEMM
-                spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=args.warmup,
-                            steps=args.steps, ckpt="offload", cpu=args.cpu,
-                            offload="activations" if base == "tunery_act" else "inputs",
-                            mlp_recompute=base in ("tunery_rc", "tunery_act"), phases=args.phases,
-                            loss_sync=args.loss_sync)
-                if stack == "tunery_nokcat":
-                    spec["kcat"] = False
-                if base == "tunery_act" and not args.smoke:  # the kept blocks' activations stay on the GPU:
-                    spec["keep_on_gpu"] = _keep_within(spec, 0.97 * TARGETS["peak_gib"] * GiB)  # as many as fit
+                spec = speed_spec(stack, mode, model, seq, batch, smoke=args.smoke, warmup=args.warmup,
+                                  steps=args.steps, cpu=args.cpu, phases=args.phases, loss_sync=args.loss_sync)
                 if stack.startswith("tunery"):
                     spec.update(args.set)
                 if (args.profile or args.trace) and stack.startswith("tunery") and os.environ.get("OUT") and rnd == 0:

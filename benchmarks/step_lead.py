@@ -14,7 +14,6 @@ A profiler trace cannot answer this: it slows the CPU 1.3-2x and makes every pha
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 import warnings
@@ -30,14 +29,13 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("step_lead.py needs a CUDA GPU")
-    spec = dict(stack="tunery_act", mode="qlora", seq=2048, batch=2, model=LLAMA_8B, warmup=0, steps=0,
-                ckpt="offload", cpu=False, offload="activations", mlp_recompute=True, loss_sync="end")
-    spec["keep_on_gpu"] = M._keep_within(spec, 0.97 * M.TARGETS["peak_gib"] * M.GiB)
+    from tunery.train.loop import freeze_long_lived  # importable once memory put src/ on the path
+
+    spec = M.speed_spec("tunery_act", "qlora", LLAMA_8B, 2048, 2, loss_sync="end")
     model, step, _ = M.build_tunery(spec, "cuda")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     gen = torch.Generator().manual_seed(0)
-    gc.collect()
-    gc.freeze()  # as the trainer does
+    freeze_long_lived()  # as the trainer does
 
     def batch():
         return M._batch(spec, spec["model"]["vocab_size"], gen, "cuda")
