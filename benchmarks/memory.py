@@ -18,7 +18,8 @@ Stacks, each configuration in its own subprocess:
 - tunery: own decoder + fused kernels; NF4 base with double quantization (quant/), the frozen input
   embedding in CPU memory, gradient checkpointing "offload" (block inputs in pinned CPU memory),
   MLP chunked over the sequence for long rows (variants: tunery_rc, the fused MLP also recomputes
-  gate/up in backward; tunery_act, every other saved activation offloaded, no block recompute); loss =
+  gate/up in backward; tunery_act, every other saved activation offloaded, no block recompute, gate/up
+  recomputed except in the blocks save_mlp "auto" picks, as the trainer's default); loss =
   linear_cross_entropy(hidden_flat[:-1], model.head_weight, ids_flat[1:]) / n.
 - standard: transformers + peft + bitsandbytes QLoRA (Linear4bit nf4, double quant, bf16 compute),
   SDPA attention, non-reentrant gradient checkpointing, bf16 autocast, model(..., labels=ids).loss.
@@ -67,8 +68,8 @@ def planner_setup(spec: dict):
                  lora_r=16, double_quant=True, checkpointing=spec.get("ckpt", "offload"),
                  mlp_chunk=spec.get("mlp_chunk"), keep_on_gpu=spec.get("keep_on_gpu", 0),
                  embed_on_cpu=spec.get("embed_on_cpu", True), mlp_recompute=spec.get("mlp_recompute", False),
-                 ignored_labels=False,
-                 offload_strategy=spec.get("offload", "inputs"))
+                 ignored_labels=False, offload_strategy=spec.get("offload", "inputs"),
+                 mlp_save_kept=spec.get("save_kept", 0), mlp_save_offloaded=spec.get("save_off", 0))
 
 
 def predict(spec: dict) -> float:
@@ -121,7 +122,7 @@ def build_tunery(spec: dict, device: str):
     from tunery.models.loading import _reset_buffers
     from tunery.models.registry import decoder_config
     from tunery.quant import init_quantized_random, offload_embedding
-    from tunery.train.activations import apply_checkpointing
+    from tunery.train.activations import apply_checkpointing, save_mlp_layers
 
     cfg = decoder_config(spec["model"])
     with torch.device("meta"):
@@ -146,8 +147,11 @@ def build_tunery(spec: dict, device: str):
         set_mlp_recompute(model, bool(spec.get("mlp_recompute", False)))
     except ImportError:
         pass
-    apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"),
-                        keep_on_gpu=spec.get("keep_on_gpu", 0), offload=spec.get("offload", "inputs"))
+    keep, save_off = spec.get("keep_on_gpu", 0), spec.get("save_off", 0)
+    save = "auto" if save_off == "auto" else save_mlp_layers(len(model.model.layers), keep, spec.get("save_kept", 0),
+                                                              save_off)
+    apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"), keep_on_gpu=keep,
+                        offload=spec.get("offload", "inputs"), save_mlp=save)
     model.train()
     from tunery.kernels import host_copy, with_host_copy
     from tunery.kernels.cross_entropy import linear_cross_entropy
@@ -345,6 +349,8 @@ def worker(spec: dict) -> dict:
     fn = getattr(getattr(model, "model", None), "checkpoint_fn", None)
     if hasattr(fn, "host_bytes"):
         res["host_pinned_gib"] = round(fn.host_bytes / GiB, 2)
+        if getattr(fn, "auto_report", None):
+            res["save_mlp_auto"] = fn.auto_report
     return res
 
 
@@ -551,6 +557,10 @@ def fmt(r: dict) -> str:
     pred = f"{r['predicted_gib']:.2f} GiB" if r.get("predicted_gib") is not None else "-"
     speed = f"{r['tokens_per_s']:9.0f} tok/s" if r.get("tokens_per_s") else ""
     extra = f" host {r['host_pinned_gib']} GiB" if r.get("host_pinned_gib") else ""
+    if r.get("save_mlp_auto"):
+        a = r["save_mlp_auto"]
+        extra += (f" gate/up kept by {a['save_mlp_blocks']} blocks (forward {a['forward_ms']} ms, "
+                  f"{a['copied_gb']} GB out at {a['copy_gbps']} GB/s)")
     if r.get("phases_ms"):
         extra += " phases ms " + " ".join(f"{k} {v}" for k, v in r["phases_ms"].items())
     if r.get("gpu_clocks"):
@@ -561,17 +571,19 @@ def fmt(r: dict) -> str:
     return f"  {name:<40} peak {peak:>10}  planner {pred:>10}  {speed}{extra}  (build {r.get('build_s')} s)"
 
 
-def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 2,
+def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 3,
                steps: int = 5, cpu: bool = False, phases: bool = False, loss_sync: str = "step") -> dict:
     """A speed-part worker's settings for one stack (also benchmarks/step_lead.py's)."""
     base = "tunery_act" if stack == "tunery_nokcat" else stack  # LoRA B outside the base GEMM
     spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=warmup, steps=steps,
                 ckpt="offload", cpu=cpu, offload="activations" if base == "tunery_act" else "inputs",
                 mlp_recompute=base in ("tunery_rc", "tunery_act"), phases=phases, loss_sync=loss_sync)
+    if base == "tunery_act":  # as the trainer's default offload_save_mlp
+        spec["save_off"] = "auto"
     if stack == "tunery_nokcat":
         spec["kcat"] = False
     if base == "tunery_act" and not smoke:  # the kept blocks' activations stay on the GPU: as many as fit
-        spec["keep_on_gpu"] = _keep_within(spec, 0.97 * TARGETS["peak_gib"] * GiB)
+        spec["keep_on_gpu"] = _keep_within(spec, TARGETS["peak_gib"] * GiB)  # the planner errs high (+5%)
     return spec
 
 
@@ -736,7 +748,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed steps (3: tunery's offload_save_mlp auto times step 2 and takes effect in step 3)")
     ap.add_argument("--cap-gib", type=float, default=80.0, help="context part: GPU memory cap")
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
                     help="context part: try exactly these lengths")

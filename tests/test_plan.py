@@ -160,3 +160,26 @@ def test_gpu_planner_within_15_percent():
         print(f"{mode} {seq}x{batch}: measured {res['peak_gib']:.2f} GiB, planner {res['predicted_gib']:.2f} GiB")
         assert abs(res["predicted_gib"] / res["peak_gib"] - 1) <= 0.15
     torch.cuda.empty_cache()
+
+
+def test_blocks_that_keep_gate_up_add_their_tensors_where_they_live():
+    """Strategy "activations": a kept block that keeps gate/up adds 2 x [tokens, intermediate] to the GPU
+    peak; offloaded ones add them to host memory and (one coming back, one in flight) to the GPU;
+    "auto" counts the GPU terms of one and no host memory (the count is picked at run time)."""
+    sh = ModelShape.from_hf(LLAMA_8B)
+    s = Setup(seq_len=2048, micro_batch=2, adapter="qlora", double_quant=True, checkpointing="offload",
+              keep_on_gpu=4, embed_on_cpu=True, mlp_recompute=True, ignored_labels=False,
+              offload_strategy="activations")
+    gu = 2 * 4096 * 14336 * 2  # gate and up of 4096 tokens, bf16
+    base = peak_bytes(sh, s)
+    host = estimate(sh, s)["activations"]["host_bytes"]
+    assert peak_bytes(sh, replace(s, mlp_save_kept=2)) - base == pytest.approx(2 * gu, rel=1e-6)
+    assert peak_bytes(sh, replace(s, mlp_save_kept=9)) - base == pytest.approx(4 * gu, rel=1e-6)  # 4 kept
+    off = estimate(sh, replace(s, mlp_save_offloaded=6))["activations"]
+    assert off["host_bytes"] - host == pytest.approx(6 * gu, rel=1e-6)
+    assert peak_bytes(sh, replace(s, mlp_save_offloaded=6)) - base == pytest.approx(gu, rel=1e-6)
+    auto = replace(s, mlp_save_offloaded="auto")
+    assert peak_bytes(sh, auto) == peak_bytes(sh, replace(s, mlp_save_offloaded=1))
+    assert estimate(sh, auto)["activations"]["host_bytes"] == host
+    assert peak_bytes(sh, replace(s, offload_strategy="inputs", mlp_save_offloaded=6)) == \
+        peak_bytes(sh, replace(s, offload_strategy="inputs"))  # whole blocks recomputed: no effect

@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -245,7 +245,7 @@ class _Saved:
         self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
         self.gpu: torch.Tensor | None = None
         self.host: torch.Tensor | None = None
-        self.event = None
+        self.event = self.copied = None
         if not offload:
             self.gpu = x
             return
@@ -254,16 +254,20 @@ class _Saved:
         self.host = owner.pool.get(nbytes)
         view = self.host[:nbytes].view(x.dtype).view(x.shape)
         stream.wait_stream(torch.cuda.current_stream(x.device))
+        stream.wait_stream(owner.h2d_stream)  # a pooled host buffer may still feed a copy back
         with torch.cuda.stream(stream):
             view.copy_(x, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record(stream)
         x.record_stream(stream)  # x's memory is not reused before the copy has read it
         weakref.finalize(self, owner.pool.put, self.host)
 
     def prefetch(self) -> None:
         if self.gpu is not None or self.host is None:
             return
-        stream = self.owner.stream
+        stream = self.owner.h2d_stream
         nbytes = self.shape.numel() * self.dtype.itemsize
+        stream.wait_event(self.copied)
         with torch.cuda.stream(stream):
             gpu = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             gpu.copy_(self.host[:nbytes].view(self.dtype).view(self.shape), non_blocking=True)
@@ -335,7 +339,7 @@ class _ActGroup:
         self.items: list[tuple[torch.Tensor, torch.Size, tuple[int, ...], torch.dtype, torch.device]] = []
         self.keys: dict[tuple, int] = {}
         self.gpu: list[torch.Tensor] | None = None
-        self.event = None
+        self.event = self.copied = None  # copied: the copies out are done (the way back waits for it)
         self.prev: weakref.ref | None = None
         self.bytes = 0
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host view, device tensor) to copy
@@ -351,10 +355,19 @@ class _ActGroup:
             elif self.pending:
                 stream = self.owner.stream
                 stream.wait_stream(torch.cuda.current_stream(self.pending[0][1].device))
+                stream.wait_stream(self.owner.h2d_stream)  # pooled host buffers may still feed copies back
+                cal = self.owner._cal if self.owner._cal is not None and self.owner._cal.end is None else None
                 with torch.cuda.stream(stream):
+                    if cal is not None:
+                        began = cal.event(stream)
                     for host, t in self.pending:
                         host.copy_(t, non_blocking=True)
                         t.record_stream(stream)  # the block's memory is not reused before the copy has read it
+                    self.copied = torch.cuda.Event()
+                    self.copied.record(stream)
+                    if cal is not None:
+                        cal.copies.append((began, cal.event(stream)))
+                        cal.bytes += self.bytes
         self.pending.clear()
         self.keys.clear()
 
@@ -419,7 +432,9 @@ class _ActGroup:
         if not self.items or self.items[0][4].type != "cuda":  # nothing offloaded, or simulated on CPU
             self.gpu = [h.clone() for h, *_ in self.items]
             return
-        stream = self.owner.stream
+        stream = self.owner.h2d_stream
+        if self.copied is not None:
+            stream.wait_event(self.copied)
         with torch.cuda.stream(stream):
             self.gpu = [torch.empty_strided(shape, stride, dtype=dtype, device=dev).copy_(h, non_blocking=True)
                         for h, shape, stride, dtype, dev in self.items]
@@ -455,17 +470,26 @@ class OffloadCheckpoint:
     """
 
     def __init__(self, keep_on_gpu: int = 0, num_layers: int | None = None, strategy: str = "inputs",
-                 auto_max_tokens: int = 32768, min_bytes: int = 1 << 20, simulate: bool = False):
+                 auto_max_tokens: int = 32768, min_bytes: int = 1 << 20, simulate: bool = False,
+                 save_mlp: Iterable[int] | str = ()):
         if strategy not in ("auto", "inputs", "activations"):
             raise ValueError(f"offload strategy must be auto, inputs or activations, got {strategy!r}")
         self.keep_on_gpu = keep_on_gpu
+        # strategy "activations": the blocks (indices) whose fused MLP keeps gate/up for backward (on the
+        # GPU for a kept block, in host memory with the rest otherwise); every other block recomputes
+        # them. "auto": measured on the first forward (_calibrate), none until then.
+        self.auto = save_mlp == "auto"
+        self.save_mlp = frozenset() if self.auto else frozenset(save_mlp)
+        self.auto_report: dict | None = None
+        self._cal: _Calibration | None = None
+        self._forwards = 0
         self.num_layers = num_layers
         self.strategy = strategy
         self.auto_max_tokens = auto_max_tokens
         self.min_bytes = min_bytes
         self.simulate = simulate  # tests: exercise the activation path on CPU with plain copies
         self.pool = PinnedPool()
-        self._stream = None
+        self._stream = self._h2d = None
         self._last: weakref.ref | None = None
         self._last_group: weakref.ref | None = None
         self.layer_index: dict[int, int] = {}
@@ -474,9 +498,18 @@ class OffloadCheckpoint:
 
     @property
     def stream(self):
+        """Side stream of the copies to host memory."""
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         return self._stream
+
+    @property
+    def h2d_stream(self):
+        """Side stream of the copies back: its own, so a copy back never queues behind copies out that
+        are still draining (PCIe runs both ways at once); each waits for its own tensors' copy out."""
+        if self._h2d is None:
+            self._h2d = torch.cuda.Stream()
+        return self._h2d
 
     def pick(self, x: torch.Tensor) -> str:
         if self.strategy != "auto":
@@ -501,13 +534,19 @@ class OffloadCheckpoint:
         strategy = self.pick(x)
         self.last_strategy = strategy
         if strategy == "activations":
+            if self.auto and x.is_cuda:
+                self._calibrate(layer, x, idx)
             if not offload:  # a kept block: its tensors stay on the GPU
-                y = layer(x, rope, cu_seqlens, max_seqlen)
+                with _MLPRecompute(layer, idx not in self.save_mlp):
+                    y = layer(x, rope, cu_seqlens, max_seqlen)
                 last = self._last_group() if self._last_group is not None else None
                 if last is not None and self.num_layers is not None and idx == self.num_layers - 1:
                     last.prefetch()  # backward reaches the last offloaded block after the kept ones: copy it back now
-                return y
-            return self._activations(layer, x, rope, cu_seqlens, max_seqlen, first)
+            else:
+                y = self._activations(layer, x, rope, cu_seqlens, max_seqlen, first, idx)
+            if self._cal is not None and self._cal.end is None and idx == (self.num_layers or 1) - 1:
+                self._cal.end = self._cal.event(torch.cuda.current_stream(x.device))
+            return y
         holder: list[_Saved] = []
 
         def factory(t):
@@ -523,25 +562,52 @@ class OffloadCheckpoint:
         self._last = weakref.ref(holder[0])
         return y
 
-    def _activations(self, layer, x, rope, cu_seqlens, max_seqlen, first: bool) -> torch.Tensor:
+    def _calibrate(self, layer: nn.Module, x: torch.Tensor, idx: int) -> None:
+        """save_mlp "auto": the second forward times its copies out against its blocks' compute (CUDA
+        events, every block recomputing gate/up); at a later forward, once those events are done, it
+        picks how many offloaded blocks also send gate/up out: as many as the copy time the forward
+        leaves unused can carry (90% of it). Each one saves a [tokens, hidden] x [hidden, 2 x
+        intermediate] GEMM in backward; past that the copies out fall behind and hold GPU memory."""
+        cal = self._cal
+        if idx != 0 or self.num_layers is None:
+            return
+        self._forwards += 1
+        if cal is None and self._forwards < 2:  # the first forward allocates the pinned buffers: not timed
+            return
+        if cal is None:
+            inter = getattr(getattr(getattr(layer, "mlp", None), "gate_proj", None), "out_features", None)
+            if not inter or getattr(layer.mlp, "recompute", None) is None:
+                self.auto = False  # no fused MLP with a gate/up switch: nothing to choose
+                return
+            self._cal = cal = _Calibration(2 * (x.numel() // x.shape[-1]) * inter * x.element_size())
+            cal.start = cal.event(torch.cuda.current_stream(x.device))
+            return
+        if cal.end is None or not all(e.query() for e in cal.all_events()):
+            return
+        self.auto = False
+        forward_ms = cal.start.elapsed_time(cal.end)
+        copy_ms = sum(a.elapsed_time(b) for a, b in cal.copies)
+        n_off = self.num_layers - min(self.keep_on_gpu, self.num_layers)
+        n = gate_up_blocks_that_fit(forward_ms, copy_ms, cal.bytes, cal.gate_up_bytes, n_off)
+        n = min(n, max(0, _host_free() // 2 - self.pool.total_bytes) // cal.gate_up_bytes)  # host memory too
+        self.save_mlp = frozenset(save_mlp_layers(self.num_layers, self.keep_on_gpu, 0, n))
+        self.auto_report = {"forward_ms": round(forward_ms, 1), "copied_gb": round(cal.bytes / 1e9, 2),
+                            "copy_gbps": round(cal.bytes / copy_ms / 1e6, 1) if copy_ms else None,
+                            "save_mlp_blocks": n}
+        self._cal = None
+
+    def _activations(self, layer, x, rope, cu_seqlens, max_seqlen, first: bool, idx: int) -> torch.Tensor:
         key = id(layer)
         if key not in self._param_ptrs:  # frozen 16-bit weights are saved by the matmuls: never copy them
             self._param_ptrs[key] = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
         shared = {t.untyped_storage().data_ptr() for t in _tensors((rope, cu_seqlens))}
         group = _ActGroup(self, self._param_ptrs[key] | shared, self.simulate)
         group.prev = None if first else self._last_group
-        # the fused MLP recomputes gate/up in backward instead of saving them: offloading them would
-        # move 2 x intermediate/hidden (7x for Llama-8B) more bytes per block than everything else
-        mlp = getattr(layer, "mlp", None)
-        recompute = getattr(mlp, "recompute", None)
-        if recompute is False:
-            mlp.recompute = True
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(group.pack, _ActGroup.unpack):
-                y = layer(x, rope, cu_seqlens, max_seqlen)
-        finally:
-            if recompute is False:
-                mlp.recompute = False
+        # the fused MLP recomputes gate/up in backward instead of saving them (unless idx is in save_mlp):
+        # offloading them would move 2 x intermediate/hidden (7x for Llama-8B) more bytes per block
+        with _MLPRecompute(layer, idx not in self.save_mlp), \
+                torch.autograd.graph.saved_tensors_hooks(group.pack, _ActGroup.unpack):
+            y = layer(x, rope, cu_seqlens, max_seqlen)
         group.close()
         self._last_group = weakref.ref(group)
         return y
@@ -549,6 +615,55 @@ class OffloadCheckpoint:
     @property
     def host_bytes(self) -> int:
         return self.pool.total_bytes
+
+
+def gate_up_blocks_that_fit(forward_ms: float, copy_ms: float, copied: int, gate_up_bytes: int, n_off: int,
+                            use: float = 0.9) -> int:
+    """How many offloaded blocks can add their gate/up (gate_up_bytes each) to the copies out of a forward
+    that took forward_ms of GPU time and copied `copied` bytes in copy_ms: the copy engine's rate times
+    `use` of the forward, less what it already carries."""
+    if copy_ms <= 0 or copied <= 0 or gate_up_bytes <= 0:
+        return 0
+    spare = use * forward_ms * copied / copy_ms - copied
+    return max(0, min(n_off, int(spare // gate_up_bytes)))
+
+
+class _Calibration:
+    """CUDA events of one forward for save_mlp "auto" (OffloadCheckpoint._calibrate)."""
+
+    def __init__(self, gate_up_bytes: int):
+        self.gate_up_bytes = gate_up_bytes  # what one block's gate/up add to its copies out
+        self.start = self.end = None
+        self.copies: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.bytes = 0
+
+    @staticmethod
+    def event(stream) -> torch.cuda.Event:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record(stream)
+        return e
+
+    def all_events(self) -> list:
+        return [self.start, self.end, *(e for pair in self.copies for e in pair)]
+
+
+class _MLPRecompute:
+    """Sets a block's fused-MLP gate/up recompute switch for one forward, then puts it back."""
+
+    __slots__ = ("mlp", "old", "new")
+
+    def __init__(self, layer: nn.Module, recompute: bool):
+        self.mlp = getattr(layer, "mlp", None)
+        self.old = getattr(self.mlp, "recompute", None)
+        self.new = recompute
+
+    def __enter__(self):
+        if self.old is not None:
+            self.mlp.recompute = self.new
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            self.mlp.recompute = self.old
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -580,8 +695,22 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 DEFAULT_MLP_CHUNK = 8192
 
 
+def save_mlp_layers(num_layers: int, keep_on_gpu: int, kept: int = 0, offloaded: int = 0) -> list[int]:
+    """Blocks whose fused MLP keeps gate/up (strategy "activations"): `kept` of the last `keep_on_gpu`
+    blocks (GPU memory, no PCIe) and `offloaded` of the others, spread evenly and ending at the last
+    one, so the extra copies out never pile up behind one stretch of the forward (each such block adds
+    ~2 x intermediate/hidden units of PCIe traffic against one block's compute)."""
+    keep = min(max(keep_on_gpu, 0), num_layers)
+    n_off = num_layers - keep
+    kept_ids = list(range(n_off, n_off + min(max(kept, 0), keep)))
+    off = min(max(offloaded, 0), n_off)
+    off_ids = sorted({n_off - 1 - (j * n_off) // off for j in range(off)}) if off else []
+    return off_ids + kept_ids
+
+
 def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk: int | str | None = "auto",
-                        keep_on_gpu: int = 0, offload: str = "inputs") -> Callable | None:
+                        keep_on_gpu: int = 0, offload: str = "inputs",
+                        save_mlp: Iterable[int] | str = ()) -> Callable | None:
     """Set gradient checkpointing for `model` (Tunery's decoder, or the transformers fallback).
 
     mode: False/None (off), True (recompute per block), "offload" (recompute, block inputs in CPU
@@ -590,8 +719,11 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     `keep_on_gpu` keeps the inputs of the last N blocks on the GPU (offload mode; the memory planner's
     `best_keep_on_gpu` says how many fit). `offload` picks what goes to host memory in offload mode:
     "inputs" (block inputs, recompute; the default), "activations" (everything a block saves, no
-    recompute) or "auto" (see OffloadCheckpoint). Returns the installed checkpoint function (an OffloadCheckpoint
-    for "offload").
+    recompute) or "auto" (see OffloadCheckpoint). `save_mlp`: with "activations", the blocks (indices)
+    whose fused MLP keeps gate/up instead of recomputing them in backward (2 x intermediate/hidden units
+    each, on the GPU for a kept block, through host memory otherwise; `save_mlp_layers` picks them), or
+    "auto": as many offloaded blocks as the copy time left over in the first forward carries (CUDA).
+    Returns the installed checkpoint function (an OffloadCheckpoint for "offload").
     """
     if mode not in (None, False, True, "offload"):
         raise ValueError(f"gradient_checkpointing must be true, false or offload, got {mode!r}")
@@ -611,7 +743,7 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     if not mode:
         body.checkpoint_fn = None
     elif mode == "offload":
-        off = OffloadCheckpoint(keep_on_gpu, len(body.layers), strategy=offload)
+        off = OffloadCheckpoint(keep_on_gpu, len(body.layers), strategy=offload, save_mlp=save_mlp)
         off.layer_index = {id(layer): i for i, layer in enumerate(body.layers)}
         body.checkpoint_fn = off
     else:
@@ -625,4 +757,5 @@ def _plain_checkpoint(layer, x, rope, cu_seqlens, max_seqlen):
     return checkpoint(layer, x, rope, cu_seqlens, max_seqlen, use_reentrant=False)
 
 
-__all__ = ["OffloadCheckpoint", "apply_checkpointing", "chunked_mlp", "set_mlp_chunking"]
+__all__ = ["OffloadCheckpoint", "apply_checkpointing", "chunked_mlp", "gate_up_blocks_that_fit", "save_mlp_layers",
+           "set_mlp_chunking"]

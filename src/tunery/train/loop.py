@@ -116,7 +116,7 @@ class Trainer:
         _configure_kernels(model, cfg)
         if cfg.gradient_checkpointing:
             _apply_checkpointing(model, cfg.gradient_checkpointing, offload=cfg.offload_strategy,
-                                 keep_on_gpu=cfg.offload_keep_on_gpu)
+                                 keep_on_gpu=cfg.offload_keep_on_gpu, save_mlp=cfg.offload_save_mlp)
         self.model = model
         self.train_model = _parallelize(model, cfg, self.world, self.device)
 
@@ -521,13 +521,17 @@ def _configure_kernels(model: nn.Module, cfg: Config) -> None:
         compile_blocks(model)
 
 
-def _apply_checkpointing(model: nn.Module, mode: bool | str, offload: str = "inputs", keep_on_gpu: int = 0) -> None:
+def _apply_checkpointing(model: nn.Module, mode: bool | str, offload: str = "inputs", keep_on_gpu: int = 0,
+                         save_mlp: int | str = "auto") -> None:
     try:
-        from .activations import apply_checkpointing
+        from .activations import apply_checkpointing, save_mlp_layers
     except ImportError:
         apply_checkpointing = None
     if apply_checkpointing is not None:
-        apply_checkpointing(model, mode, offload=offload, keep_on_gpu=keep_on_gpu)
+        if save_mlp != "auto":  # a count of offloaded blocks -> their indices
+            layers = getattr(getattr(model, "model", None), "layers", None)
+            save_mlp = save_mlp_layers(len(layers), keep_on_gpu, 0, int(save_mlp)) if layers is not None else []
+        apply_checkpointing(model, mode, offload=offload, keep_on_gpu=keep_on_gpu, save_mlp=save_mlp)
         return
     from torch.utils.checkpoint import checkpoint
 

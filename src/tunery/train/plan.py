@@ -18,7 +18,8 @@ u = N x H x 2 (one bf16 hidden-state tensor); a = q_dim / H, g = kv_dim / H, r =
   activations  the peak is the larger of two moments:
                backward of one block: kept inputs of the other blocks (checkpointing off: their
                saved tensors S = (2 + 2a + 2g) u + 2r u for gate/up unless recomputed or chunked;
-               on: u each; offload: keep_on_gpu x u) + ACT_SCALE x max(MLP phase, attention phase):
+               on: u each; offload: keep_on_gpu x u, or S each with strategy "activations", + 2r u
+               for each kept block that keeps gate/up) + ACT_SCALE x max(MLP phase, attention phase):
                MLP phase = S + incoming gradient u + (3r + 1) u for gate, up and dh (per chunk of
                mlp_chunk tokens when chunked, + u for the chunked MLP's input gradient); attention
                phase = S - u + 2u of gradients + FlashAttention-2's backward: do, dq, an fp32 dq
@@ -114,6 +115,9 @@ class Setup:
     mlp_recompute: bool = False         # fused MLP recomputes gate/up in backward (models.fused.set_mlp_recompute)
     ignored_labels: bool = True         # some labels are -100 (prompt masking): the loss gathers hidden states
     offload_strategy: str = "inputs"    # offload mode: "inputs" (recompute) or "activations" (activations.py)
+    mlp_save_kept: int = 0              # "activations": kept blocks whose MLP keeps gate/up (on the GPU)
+    mlp_save_offloaded: int | str = 0   # "activations": offloaded blocks whose MLP keeps gate/up (host memory);
+                                        # "auto" (picked at run time): the GPU terms of one, host as for none
     ce_chunk: int | None = None         # rows per loss chunk (None: the kernel's own choice)
 
     @property
@@ -167,7 +171,14 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
     gate_up = 0.0 if (s.mlp_recompute or s.mlp_chunk) else 2 * r
     block_saved = x_stack + gate_up
     act_offload = s.checkpointing == "offload" and s.offload_strategy == "activations"
+    keep = min(L, s.keep_on_gpu)
+    save_kept = min(keep, s.mlp_save_kept) if act_offload else 0
+    auto = s.mlp_save_offloaded == "auto"
+    save_off = (1 if auto else min(L - keep, int(s.mlp_save_offloaded))) if act_offload else 0
+    gu_saved = 2 * r if (act_offload and gate_up == 0) else 0.0  # what a block that keeps gate/up adds
     prefetch = (block_saved if act_offload else 1.0) if s.checkpointing == "offload" else 0.0
+    if save_off:  # the block coming back may be one that kept gate/up
+        prefetch += gu_saved
     mlp_bwd = (3 * r + 1) * frac + (1.0 if frac < 1 else 0.0)  # gate, up, dh (+ grad_x of a chunked MLP)
     attn_bwd = 4 * a + (2 * a if g < a else 0.0) + 2 * g     # do, dq, fp32 dq accumulator, GQA dk/dv, dk, dv
     mlp_phase = x_stack + gate_up + 1 + mlp_bwd + prefetch     # + the incoming gradient
@@ -178,11 +189,14 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
     elif s.checkpointing is True:
         kept_bwd, kept_fwd = (L - 1) * u, L * u
     elif act_offload:  # every saved tensor of a block goes to host memory; kept blocks keep theirs
-        kept_bwd = min(L, s.keep_on_gpu) * block_saved * u
-        kept_fwd = kept_bwd + block_saved * u  # copies still in flight at the end of forward
+        kept_bwd = (keep * block_saved + save_kept * gu_saved) * u
+        # copies still in flight at the end of forward (the last offloaded block keeps gate/up when any does)
+        kept_fwd = kept_bwd + (block_saved + (gu_saved if save_off else 0)) * u
     else:
-        kept_bwd = kept_fwd = min(L, s.keep_on_gpu) * u
-    host = (L - min(L, s.keep_on_gpu)) * u * (block_saved if act_offload else 1) if s.checkpointing == "offload" else 0
+        kept_bwd = kept_fwd = keep * u
+    host = 0
+    if s.checkpointing == "offload":
+        host = (L - keep) * u * (block_saved if act_offload else 1) + (0 if auto else save_off * gu_saved * u)
 
     # the loss at the end of forward: last block output, final norm output, the loss's gradient of it
     # (+ gathered hidden states and a full-size gradient when some labels are ignored), one logits chunk
@@ -356,7 +370,8 @@ def setup_from_config(cfg: Any, hidden: int | None = None, **overrides: Any) -> 
               weight_bytes=2 if half else 4, act_bytes=2 if half else 4,
               modules_to_save=tuple(cfg.lora_modules_to_save or ()),
               mlp_chunk=8192 if cfg.gradient_checkpointing else None,  # activations.py's "auto"
-              keep_on_gpu=getattr(cfg, "offload_keep_on_gpu", 0))
+              keep_on_gpu=getattr(cfg, "offload_keep_on_gpu", 0),
+              mlp_save_offloaded=getattr(cfg, "offload_save_mlp", 0))
     strategy = getattr(cfg, "offload_strategy", "inputs")
     if strategy == "auto":  # OffloadCheckpoint.pick, less its host-memory check (unknown here)
         big = (hidden or 0) >= 3072 and kw["seq_len"] * kw["micro_batch"] <= 32768
