@@ -467,3 +467,20 @@ def test_trainer_turns_a_save_mlp_count_into_offloaded_blocks():
     assert m.model.checkpoint_fn.save_mlp == {n - 2} and not m.model.checkpoint_fn.auto
     _apply_checkpointing(m, "offload", offload="activations", keep_on_gpu=1, save_mlp="auto")
     assert m.model.checkpoint_fn.auto and not m.model.checkpoint_fn.save_mlp
+
+
+def test_activation_group_keeps_one_copy_of_a_transposed_view_and_its_flat_view():
+    """cuDNN attention saves its output as [B, H, T, D], a transposed view of [B, T, H, D] memory, and
+    o_proj saves the same memory as [N, H * D]: one host copy, both views come back exact."""
+    from tunery.train.activations import OffloadCheckpoint, _ActGroup
+
+    owner = OffloadCheckpoint(strategy="activations", min_bytes=16, simulate=True)
+    g = _ActGroup(owner, set(), simulate=True)
+    mem = torch.randn(2, 5, 4, 8)  # B, T, H, D
+    a = g.pack(mem.transpose(1, 2))  # dense, not contiguous
+    b = g.pack(mem.view(10, 32))
+    g.close()
+    assert g.bytes == mem.numel() * mem.element_size() and len(g.items) == 1
+    ua, ub = _ActGroup.unpack(a), _ActGroup.unpack(b)
+    assert ua.shape == (2, 4, 5, 8) and ub.shape == (10, 32)
+    assert torch.equal(ua, mem.transpose(1, 2)) and torch.equal(ub, mem.view(10, 32))

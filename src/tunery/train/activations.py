@@ -315,10 +315,11 @@ class _OffloadedBlock(torch.autograd.Function):
 class _Packed:
     """What the saved-tensor hook keeps for one offloaded tensor: its group and index."""
 
-    __slots__ = ("group", "i", "shape")
+    __slots__ = ("group", "i", "shape", "stride")
 
-    def __init__(self, group: _ActGroup, i: int, shape: torch.Size | None = None):
-        self.group, self.i, self.shape = group, i, shape  # shape: a view of item i (same memory)
+    def __init__(self, group: _ActGroup, i: int, shape: torch.Size | None = None, stride: tuple[int, ...] = ()):
+        # shape, stride: another view of item i's memory (same start, same dense span)
+        self.group, self.i, self.shape, self.stride = group, i, shape, stride
 
 
 class _ActGroup:
@@ -394,11 +395,13 @@ class _ActGroup:
                 return t
         key = (ptr, off, shape, stride, dtype)
         i = self.keys.get(key)
-        if i is None and contiguous:  # the same memory saved under another shape (attention output
-            # [N, H, D] and the o_proj input [N, H * D]): one copy, a view of it on the way back
+        if i is None:  # the same memory saved under another shape or layout (the attention output as
+            # [B, H, T, D], a transposed view, by cuDNN and as [N, H * D] by o_proj): one copy, and a view
+            # of it on the way back. Both are dense over the same span, so the host copy (made with the
+            # first one's strides) is a byte image of that memory and any dense view of it is exact.
             j = self.keys.get((ptr, off, n, dtype))
-            if j is not None and self.items[j][0].is_contiguous():
-                return _Packed(self, j, shape)
+            if j is not None:
+                return _Packed(self, j, shape, stride)
         if i is None:
             # simulate (tests on CPU): a plain buffer, viewed the same way
             buf = self.owner.pool.get(nbytes) if cuda else torch.empty(nbytes, dtype=torch.uint8)
@@ -409,8 +412,7 @@ class _ActGroup:
             i = len(self.items)
             self.items.append((host, shape, stride, dtype, t.device))
             self.keys[key] = i
-            if contiguous:
-                self.keys.setdefault((ptr, off, n, dtype), i)
+            self.keys.setdefault((ptr, off, n, dtype), i)
             self.bytes += nbytes
         return _Packed(self, i)
 
@@ -424,7 +426,7 @@ class _ActGroup:
         if prev is not None:
             prev.prefetch()
         t = g.gpu[packed.i]
-        return t if packed.shape is None else t.view(packed.shape)
+        return t if packed.shape is None else t.as_strided(packed.shape, packed.stride, t.storage_offset())
 
     def prefetch(self) -> None:
         if self.gpu is not None:
