@@ -1,12 +1,14 @@
 """Memory benchmark (issue 5): QLoRA / LoRA peak memory, speed and longest trainable context.
 
-    python benchmarks/memory.py                          # H200: part "speed" (QLoRA 8B, seq 2048 x 2)
+    python benchmarks/memory.py                          # H200: part "speed" (QLoRA 8B, seq 2048 x 2):
+                                                         # tunery_act, standard (and liger) 3 times in turn,
+                                                         # 3 warm-up + 10 timed steps each, medians compared
     python benchmarks/memory.py --part context --stacks tunery --modes qlora      # one search per command
     python benchmarks/memory.py --part context --stacks tunery --modes lora16
     python benchmarks/memory.py --part context --stacks standard,liger --modes qlora,lora16
     python benchmarks/memory.py --smoke                  # CPU: tiny shapes, both parts, a few seconds each
-    python benchmarks/memory.py --stacks tunery_act,standard --rounds 3 --phases   # medians of 3 runs in turn,
-                                                         # with forward / backward / optimizer times
+    python benchmarks/memory.py --stacks tunery_act,standard --phases   # + forward / backward / optimizer times
+    python benchmarks/memory.py --stacks tunery_act --rounds 1 --set save_off=0   # a variant: gate/up always recomputed
     python benchmarks/memory.py --stacks tunery_act --trace   # + a profiler trace and where the GPU idles
 
 Model: random weights of the Llama-3.1-8B shape (built on the meta device and materialised tensor by
@@ -720,7 +722,7 @@ def _planner_max(model: dict, mode: str, cap_gib: float, step: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["speed", "context", "all"], default="speed")
-    ap.add_argument("--stacks", default="tunery,tunery_rc,tunery_act,standard,liger",
+    ap.add_argument("--stacks", default="tunery_act,standard,liger",
                     help="tunery (block inputs offloaded, blocks recomputed: the trainer's "
                          "gradient_checkpointing: offload), tunery_rc (same + the fused MLP recomputes gate/up "
                          "in backward: least memory), tunery_act (offload every saved activation, no block "
@@ -739,15 +741,16 @@ def main() -> None:
                     help="speed part: override a tunery worker setting, e.g. ckpt=false, mlp_recompute=true, "
                          "offload=\"activations\", keep_on_gpu=4 (diagnostics; JSON values)")
     ap.add_argument("--tag", default="", help="suffix for the files written under $OUT")
-    ap.add_argument("--loss-sync", choices=["step", "end"], default="step",
+    ap.add_argument("--loss-sync", choices=["step", "end"], default="end",
                     help="speed part, every stack: read the loss every step (a host sync per step) or only "
-                         "after the timed steps (lets the CPU run ahead into the next step)")
-    ap.add_argument("--rounds", type=int, default=1,
+                         "after the timed steps (lets the CPU run ahead into the next step, as the trainer "
+                         "does: it copies each step's numbers to the host without waiting)")
+    ap.add_argument("--rounds", type=int, default=3,
                     help="speed part: run the stacks this many times in turn and report each one's median run")
     ap.add_argument("--modes", default=None, help="qlora,lora16 (speed default: qlora)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3,
                     help="untimed steps (3: tunery's offload_save_mlp auto times step 2 and takes effect in step 3)")
     ap.add_argument("--cap-gib", type=float, default=80.0, help="context part: GPU memory cap")
