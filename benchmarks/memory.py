@@ -722,12 +722,13 @@ def _planner_max(model: dict, mode: str, cap_gib: float, step: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["speed", "context", "all"], default="speed")
-    ap.add_argument("--stacks", default="tunery_act,standard,liger",
+    ap.add_argument("--stacks", default=None,
                     help="tunery (block inputs offloaded, blocks recomputed: the trainer's "
                          "gradient_checkpointing: offload), tunery_rc (same + the fused MLP recomputes gate/up "
                          "in backward: least memory), tunery_act (offload every saved activation, no block "
                          "recompute, gate/up recomputed), tunery_nokcat (tunery_act with LoRA B in its own GEMM), "
-                         "standard, liger")
+                         "standard, liger. Default: tunery_act,standard,liger for the speed part, tunery,standard,liger "
+                         "for the context part (long rows offload block inputs)")
     ap.add_argument("--profile", action="store_true",
                     help="speed part: two extra steps (back to back) of each tunery variant under torch.profiler; the "
                          "top kernels by GPU time go to $OUT/profile_<stack>_<mode>.txt")
@@ -797,7 +798,8 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "versions": versions,
                     "smoke": args.smoke, "targets": TARGETS}
     print(f"device {report['device']}  {versions}", flush=True)
-    stacks = [s for s in args.stacks.split(",") if s]
+    default = {"speed": "tunery_act,standard,liger", "context": "tunery,standard,liger"}
+    stacks = [s for s in (args.stacks or default.get(args.part, "tunery,tunery_act,standard,liger")).split(",") if s]
     if args.part in ("speed", "all"):
         modes = (args.modes or "qlora").split(",")
         print("== speed: seq 2048 x micro-batch 2" if not args.smoke else "== speed (smoke)", flush=True)
