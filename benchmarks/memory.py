@@ -574,7 +574,7 @@ def fmt(r: dict) -> str:
 
 
 def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 3,
-               steps: int = 5, cpu: bool = False, phases: bool = False, loss_sync: str = "step") -> dict:
+               steps: int = 10, cpu: bool = False, phases: bool = False, loss_sync: str = "end") -> dict:
     """A speed-part worker's settings for one stack (also benchmarks/step_lead.py's)."""
     base = "tunery_act" if stack == "tunery_nokcat" else stack  # LoRA B outside the base GEMM
     spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=warmup, steps=steps,

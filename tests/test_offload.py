@@ -484,3 +484,34 @@ def test_activation_group_keeps_one_copy_of_a_transposed_view_and_its_flat_view(
     ua, ub = _ActGroup.unpack(a), _ActGroup.unpack(b)
     assert ua.shape == (2, 4, 5, 8) and ub.shape == (10, 32)
     assert torch.equal(ua, mem.transpose(1, 2)) and torch.equal(ub, mem.view(10, 32))
+
+
+def test_save_mlp_auto_retimes_a_forward_that_never_finished(monkeypatch):
+    """A timed forward that raised (no end event) is dropped: the next forward is timed instead, so the
+    choice is still made and the copies of later forwards are not timed forever. CUDA events are faked."""
+    from tunery.train.activations import OffloadCheckpoint
+
+    class FakeEvent:
+        def query(self):
+            return True
+
+        def elapsed_time(self, other):
+            return 10.0
+
+    import tunery.train.activations as acts
+
+    monkeypatch.setattr(acts._Calibration, "event", staticmethod(lambda stream: FakeEvent()))
+    monkeypatch.setattr(acts.torch.cuda, "current_stream", lambda *a: None)
+    fn = OffloadCheckpoint(num_layers=2, strategy="activations", save_mlp="auto")
+    layer = _model(dropout=0.0).model.layers[0]
+    x = torch.zeros(1, 8, 64)
+    fn._calibrate(layer, x, 0)  # forward 1: not timed
+    assert fn._cal is None
+    fn._calibrate(layer, x, 0)  # forward 2: timed, but it raises before its last block
+    first = fn._cal
+    assert first is not None and first.end is None
+    fn._calibrate(layer, x, 0)  # forward 3: times itself instead
+    assert fn._cal is not None and fn._cal is not first and fn.auto
+    fn._cal.end = FakeEvent()
+    fn._calibrate(layer, x, 0)  # forward 4: decides (no copies timed: nothing to add)
+    assert not fn.auto and fn._cal is None and fn.auto_report["save_mlp_blocks"] == 0

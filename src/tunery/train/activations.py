@@ -14,7 +14,8 @@
   `offload="activations"` every large tensor a block saves goes to host memory instead (saved-tensor
   hooks, one group per block, prefetched one block ahead) and only the fused MLP's gate/up are
   recomputed: ~4.5x the PCIe traffic and host memory of "inputs", most of a forward less of compute
-  (see OffloadCheckpoint).
+  (see OffloadCheckpoint). `save_mlp` lets chosen blocks keep gate/up too ("auto": as many as the
+  copy time left in a measured forward carries).
 
 `mlp_chunk=N` splits the MLP of rows longer than N tokens into chunks of N tokens that are each
 recomputed in backward, so the [tokens x intermediate] tensors (3.5x the hidden size for Llama)
@@ -460,8 +461,8 @@ class OffloadCheckpoint:
     - "inputs": only each block's input goes to host memory; the block is recomputed in backward.
       Host memory L x u, PCIe traffic u per block each way, one extra forward of compute.
     - "activations": every large tensor the block saves goes to host memory and comes back; only
-      the fused MLP's gate/up are recomputed in backward (saving them would add 2 x intermediate /
-      hidden units). Host memory and PCIe traffic ~4.5u per block each way (Llama: input, q, k, v,
+      the fused MLP's gate/up are recomputed in backward, except in the `save_mlp` blocks (keeping
+      them adds 2 x intermediate / hidden units per block). Host memory and PCIe traffic ~4.5u per block each way (Llama: input, q, k, v,
       attention output, MLP input): faster when the copies hide behind the block's compute, i.e.
       for wide models (hidden >= 3072) and rows of moderate length (Llama-8B QLoRA at 2 x 2048 on
       an H200, three runs: 10.4k, 11.9k and 12.9k tokens/s against 10.7k-11.1k for "inputs";
@@ -479,7 +480,7 @@ class OffloadCheckpoint:
         self.keep_on_gpu = keep_on_gpu
         # strategy "activations": the blocks (indices) whose fused MLP keeps gate/up for backward (on the
         # GPU for a kept block, in host memory with the rest otherwise); every other block recomputes
-        # them. "auto": measured on the first forward (_calibrate), none until then.
+        # them. "auto": picked from the second forward's timings (_calibrate), none until then.
         self.auto = save_mlp == "auto"
         self.save_mlp = frozenset() if self.auto else frozenset(save_mlp)
         self.auto_report: dict | None = None
@@ -576,6 +577,8 @@ class OffloadCheckpoint:
         self._forwards += 1
         if cal is None and self._forwards < 2:  # the first forward allocates the pinned buffers: not timed
             return
+        if cal is not None and cal.end is None:  # the timed forward never finished (it raised): time this one
+            cal = self._cal = None
         if cal is None:
             inter = getattr(getattr(getattr(layer, "mlp", None), "gate_proj", None), "out_features", None)
             if not inter or getattr(layer.mlp, "recompute", None) is None:
