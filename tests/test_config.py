@@ -123,3 +123,11 @@ def test_config_roundtrip_is_stable():
     cfg = load_config({"datasets": [{"path": "a.jsonl"}], "lora_r": 4, "adapter": "lora"})
     again = Config.model_validate(cfg.to_yaml_dict())
     assert again == cfg
+
+
+def test_offload_save_mlp_takes_a_count_or_auto():
+    assert load_config({"offload_save_mlp": 3}).offload_save_mlp == 3
+    assert load_config({}).offload_save_mlp == "auto"
+    for bad in (-1, "all"):
+        probs = problems_of({"offload_save_mlp": bad})
+        assert any("offload_save_mlp" in p for p in probs), probs

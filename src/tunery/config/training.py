@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -38,7 +38,7 @@ class TrainingSection(Section):
         "MLP's gate/up; ~4.5x the host traffic; fastest for wide models at moderate lengths), or auto.")
     offload_keep_on_gpu: int = Field(0, ge=0, description="With offload: the last N blocks keep theirs on the GPU "
                                      "(fewer host copies); `tunery plan` says how many fit.")
-    offload_save_mlp: int | Literal["auto"] = Field(
+    offload_save_mlp: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="With offload_strategy activations: how many offloaded blocks also send the MLP's "
         "gate/up to CPU memory instead of recomputing them in backward (less compute, more PCIe traffic); auto "
         "measures the copy time the second forward leaves unused on the GPU and fills it.")
