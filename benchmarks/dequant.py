@@ -2,6 +2,7 @@
 
     python benchmarks/dequant.py            # H200: the seven linears of a Llama-3.1-8B block
     python benchmarks/dequant.py --smoke    # CPU: tiny shapes through the plain-PyTorch reference
+    python benchmarks/dequant.py --sweep    # H200: launch shapes of the gate+up kernel (CPU: TRITON_INTERPRET=1)
 
 Both dequantize the same random [out, in] weights (NF4, block 64, double quantization) to bf16; each
 kernel runs `--repeats` times per shape after a warm-up and is timed with CUDA events. Reported: us
@@ -14,6 +15,7 @@ Results: $OUT/dequant.json when OUT is set.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -59,11 +61,54 @@ def bnb_dequant(w: torch.Tensor):
     return lambda: bf.dequantize_4bit(q, state, quant_type="nf4")
 
 
+def sweep(args) -> None:
+    """Launch shapes of the multi-weight kernel on the 8B gate/up pair (the largest dequantization of
+    a step, 4 times per block per step), written as kernels/lora.py's K-concat path writes them."""
+    from tunery.quant.nf4 import NF4Weight
+    from tunery.quant.triton_nf4 import _SCALES, dequantize_nf4_many_triton
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    inter, hidden = (14336, 4096) if cuda else (256, 128)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ws = [NF4Weight.from_tensor(torch.randn(inter, hidden, device=device, generator=gen, dtype=torch.bfloat16) * 0.02,
+                                double_quant=True, dtype=torch.bfloat16) for _ in range(2)]
+    parts = [(w.packed, w.absmax, w.absmax2, w.absmax_offset) for w in ws]
+    k = hidden + 32  # [W | B] with B of two rank-16 adapters
+
+    def run(out, scales, warps):
+        rows = out.split([inter, inter])
+        dequantize_nf4_many_triton(parts, [r[0] for r in rows], hidden, out.stride(0), scales, warps)
+
+    ref = torch.zeros(2 * inter, k, dtype=torch.bfloat16, device=device)
+    run(ref, _SCALES, 4)
+    nbytes = 2 * inter * hidden * 2.5 + sum(w.absmax.numel() for w in ws)
+    results = []
+    for scales in (32, 64, 128, 256):
+        for warps in (2, 4, 8):
+            out = torch.zeros_like(ref)
+            run(out, scales, warps)
+            exact = bool(torch.equal(out, ref))
+            t = timed(functools.partial(run, out, scales, warps), args.repeats if cuda else 1, cuda)
+            results.append({"scales": scales, "num_warps": warps, "us": t * 1e6, "gbps": nbytes / t / 1e9,
+                            "equals_default": exact})
+            print(f"scales {scales:4d} warps {warps}: {t * 1e6:8.1f} us {nbytes / t / 1e9:7.0f} GB/s  exact={exact}",
+                  flush=True)
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "dequant_sweep.json").write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="instead: time gate+up dequantized in one launch into the fused LoRA layout ([W | B]) for "
+                         "each launch shape (blocks per program x warps), each checked against the default's output")
     args = ap.parse_args()
+    if args.sweep:
+        sweep(args)
+        return
     from tunery.quant.nf4 import NF4Weight, dequantize_nf4_reference
 
     cuda = torch.cuda.is_available() and not args.smoke

@@ -89,10 +89,12 @@ _SCALES = 64  # blocks per program: 4096 weights, 2 KiB in, 8 KiB out (bf16)
 
 
 def dequantize_nf4_many_triton(parts: list[tuple], outs: list[torch.Tensor], row_len: int = 0,
-                               row_stride: int = 0) -> None:
+                               row_stride: int = 0, scales: int = _SCALES, num_warps: int = 4) -> None:
     """Dequantize 2 or 3 weights in one launch. parts[i] = (packed, absmax, absmax2, offset) of the
     same kind (all double-quantized or none); outs[i] where weight i goes: flat (its blocks x 64), or
-    with row_len > 0 the first of rows of row_len values placed row_stride apart (row_len % 64 == 0)."""
+    with row_len > 0 the first of rows of row_len values placed row_stride apart (row_len % 64 == 0).
+    `scales` (blocks of 64 per program, a power of 2) and `num_warps`: the launch shape
+    (benchmarks/dequant.py --sweep times the choices)."""
     double = parts[0][1].dtype == torch.uint8
     dev = parts[0][0].device
     code = _table("nf4", NF4_CODE_VALUES, dev)
@@ -100,14 +102,15 @@ def dequantize_nf4_many_triton(parts: list[tuple], outs: list[torch.Tensor], row
     args, progs = [], []
     for (packed, absmax, absmax2, offset), out in zip(parts, outs):
         nb = packed.numel() // HALF
-        progs.append(triton.cdiv(nb, _SCALES))
+        progs.append(triton.cdiv(nb, scales))
         args += [packed, absmax, absmax2 if double else code, offset if double else code, out, nb]
     if len(parts) == 2:
         args += args[6:12]  # a third slot no program reaches
     if row_len <= 0:  # flat: one "row" as long as everything
         row_len = row_stride = sum(p[0].numel() for p in parts) * 2
     _nf4_dequant3_kernel[(sum(progs),)](*args, code, code2, progs[0], progs[1], row_len, row_stride,
-                                       SCALES=_SCALES, HALF=HALF, DOUBLE=double, SCALES_PER_SCALE2=NESTED_BLOCK)
+                                       SCALES=scales, HALF=HALF, DOUBLE=double, SCALES_PER_SCALE2=NESTED_BLOCK,
+                                       num_warps=num_warps)
 
 
 def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int, dtype: torch.dtype,
