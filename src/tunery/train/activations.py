@@ -715,7 +715,7 @@ def save_mlp_layers(num_layers: int, keep_on_gpu: int, kept: int = 0, offloaded:
 
 def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk: int | str | None = "auto",
                         keep_on_gpu: int = 0, offload: str = "inputs",
-                        save_mlp: Iterable[int] | str = ()) -> Callable | None:
+                        save_mlp: Iterable[int] | int | str = ()) -> Callable | None:
     """Set gradient checkpointing for `model` (Tunery's decoder, or the transformers fallback).
 
     mode: False/None (off), True (recompute per block), "offload" (recompute, block inputs in CPU
@@ -726,8 +726,9 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     "inputs" (block inputs, recompute; the default), "activations" (everything a block saves, no
     recompute) or "auto" (see OffloadCheckpoint). `save_mlp`: with "activations", the blocks (indices)
     whose fused MLP keeps gate/up instead of recomputing them in backward (2 x intermediate/hidden units
-    each, on the GPU for a kept block, through host memory otherwise; `save_mlp_layers` picks them), or
-    "auto": as many offloaded blocks as the copy time left over in the first forward carries (CUDA).
+    each, on the GPU for a kept block, through host memory otherwise), a count of offloaded blocks
+    (`save_mlp_layers` spreads them), or "auto": as many offloaded blocks as the copy time left over in
+    the second forward carries (CUDA).
     Returns the installed checkpoint function (an OffloadCheckpoint for "offload").
     """
     if mode not in (None, False, True, "offload"):
@@ -748,6 +749,8 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     if not mode:
         body.checkpoint_fn = None
     elif mode == "offload":
+        if isinstance(save_mlp, int):  # a count of offloaded blocks -> their indices
+            save_mlp = save_mlp_layers(len(body.layers), keep_on_gpu, 0, save_mlp)
         off = OffloadCheckpoint(keep_on_gpu, len(body.layers), strategy=offload, save_mlp=save_mlp)
         off.layer_index = {id(layer): i for i, layer in enumerate(body.layers)}
         body.checkpoint_fn = off

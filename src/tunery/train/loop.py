@@ -524,13 +524,10 @@ def _configure_kernels(model: nn.Module, cfg: Config) -> None:
 def _apply_checkpointing(model: nn.Module, mode: bool | str, offload: str = "inputs", keep_on_gpu: int = 0,
                          save_mlp: int | str = "auto") -> None:
     try:
-        from .activations import apply_checkpointing, save_mlp_layers
+        from .activations import apply_checkpointing
     except ImportError:
         apply_checkpointing = None
     if apply_checkpointing is not None:
-        if save_mlp != "auto":  # a count of offloaded blocks -> their indices
-            layers = getattr(getattr(model, "model", None), "layers", None)
-            save_mlp = save_mlp_layers(len(layers), keep_on_gpu, 0, int(save_mlp)) if layers is not None else []
         apply_checkpointing(model, mode, offload=offload, keep_on_gpu=keep_on_gpu, save_mlp=save_mlp)
         return
     from torch.utils.checkpoint import checkpoint
