@@ -116,6 +116,13 @@ def _keep_within(spec: dict, budget: float) -> int:
     return best_keep_on_gpu(ModelShape.from_hf(spec["model"]), planner_setup(spec), int(budget))
 
 
+def _saves_within(spec: dict, budget: float) -> int:
+    """Kept blocks that can also keep gate/up under `budget` bytes, by the planner."""
+    from tunery.train.plan import ModelShape, best_save_kept
+
+    return best_save_kept(ModelShape.from_hf(spec["model"]), planner_setup(spec), int(budget))
+
+
 def build_tunery(spec: dict, device: str):
     import torch
 
@@ -124,7 +131,7 @@ def build_tunery(spec: dict, device: str):
     from tunery.models.loading import _reset_buffers
     from tunery.models.registry import decoder_config
     from tunery.quant import init_quantized_random, offload_embedding
-    from tunery.train.activations import apply_checkpointing, save_mlp_layers
+    from tunery.train.activations import apply_checkpointing
 
     cfg = decoder_config(spec["model"])
     with torch.device("meta"):
@@ -149,11 +156,11 @@ def build_tunery(spec: dict, device: str):
         set_mlp_recompute(model, bool(spec.get("mlp_recompute", False)))
     except ImportError:
         pass
-    keep, save_off = spec.get("keep_on_gpu", 0), spec.get("save_off", 0)
-    save = "auto" if save_off == "auto" else save_mlp_layers(len(model.model.layers), keep, spec.get("save_kept", 0),
-                                                              save_off)
-    apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"), keep_on_gpu=keep,
-                        offload=spec.get("offload", "inputs"), save_mlp=save)
+    save_off = spec.get("save_off", 0)
+    apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"),
+                        keep_on_gpu=spec.get("keep_on_gpu", 0), offload=spec.get("offload", "inputs"),
+                        save_mlp="auto" if save_off == "auto" else int(save_off),
+                        save_mlp_kept=spec.get("save_kept", 0))
     model.train()
     from tunery.kernels import host_copy, with_host_copy
     from tunery.kernels.cross_entropy import linear_cross_entropy
@@ -573,19 +580,21 @@ def fmt(r: dict) -> str:
     return f"  {name:<40} peak {peak:>10}  planner {pred:>10}  {speed}{extra}  (build {r.get('build_s')} s)"
 
 
-def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 3,
+def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 4,
                steps: int = 10, cpu: bool = False, phases: bool = False, loss_sync: str = "end") -> dict:
     """A speed-part worker's settings for one stack (also benchmarks/step_lead.py's)."""
     base = "tunery_act" if stack == "tunery_nokcat" else stack  # LoRA B outside the base GEMM
     spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=warmup, steps=steps,
                 ckpt="offload", cpu=cpu, offload="activations" if base == "tunery_act" else "inputs",
                 mlp_recompute=base in ("tunery_rc", "tunery_act"), phases=phases, loss_sync=loss_sync)
-    if base == "tunery_act":  # as the trainer's default offload_save_mlp
-        spec["save_off"] = "auto"
+    if base == "tunery_act":  # as the trainer's defaults offload_save_mlp and offload_save_mlp_kept
+        spec["save_off"], spec["save_kept"] = "auto", 1
     if stack == "tunery_nokcat":
         spec["kcat"] = False
-    if base == "tunery_act" and not smoke:  # the kept blocks' activations stay on the GPU: as many as fit
-        spec["keep_on_gpu"] = _keep_within(spec, TARGETS["peak_gib"] * GiB)  # the planner errs high (+5%)
+    if base == "tunery_act" and not smoke:  # the kept blocks' activations stay on the GPU: as many as fit,
+        budget = TARGETS["peak_gib"] * GiB  # then as many of them keeping gate/up as fit (the planner errs high)
+        spec["keep_on_gpu"] = _keep_within(spec, budget)
+        spec["save_kept"] = _saves_within(spec, budget)
     return spec
 
 
@@ -752,8 +761,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3,
-                    help="untimed steps (3: tunery's offload_save_mlp auto times step 2 and takes effect in step 3)")
+    ap.add_argument("--warmup", type=int, default=4,
+                    help="untimed steps (4: tunery's offload_save_mlp auto times steps 2 and 3 and takes effect in "
+                         "step 4)")
     ap.add_argument("--cap-gib", type=float, default=80.0, help="context part: GPU memory cap")
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
                     help="context part: try exactly these lengths")

@@ -319,30 +319,50 @@ def test_trainer_passes_the_offload_settings(tiny_llama, gsm8k_small, tmp_path, 
            "output_dir": str(tmp_path / "run"), "progress_bar": False,
            "dataset_prepared_path": str(tmp_path / "prepared")}
     run = train(cfg)
-    assert seen == [("offload", {"offload": "activations", "keep_on_gpu": 1, "save_mlp": "auto"})]
+    assert seen == [("offload", {"offload": "activations", "keep_on_gpu": 1, "save_mlp": "auto",
+                                 "save_mlp_kept": 1})]
     assert frozen == [1, 0]
     steps = [r for r in map(_json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
 
 
-def test_kept_blocks_start_the_copy_back_of_the_last_offloaded_block():
-    """Strategy "activations" with offload_keep_on_gpu: the last offloaded block's tensors start coming
-    back when the forward ends (its backward follows the kept blocks' at once), and the gradients
-    are the plain ones."""
+@pytest.mark.parametrize("lead", [1, 2])
+def test_kept_blocks_start_the_copy_back_of_the_last_offloaded_block(monkeypatch, lead):
+    """Strategy "activations" with offload_keep_on_gpu: the last offloaded block's tensors are not copied
+    back at the end of forward (they would sit on the GPU through the loss and the kept blocks'
+    backward, the step's peak) but when the backward of the kept block PREFETCH_LEAD blocks before it
+    begins; and the gradients are the plain ones."""
+    import tunery.train.activations as act
+
+    monkeypatch.setattr(act, "PREFETCH_LEAD", lead)
     base = _model(dropout=0.0)
     _, g0 = _grads(base, False)
     m = copy.deepcopy(base)
     m.train()
-    fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations", keep_on_gpu=1)
+    n = len(m.model.layers)
+    fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations", keep_on_gpu=2)
     fn.simulate, fn.min_bytes = True, 1024
+    order: list = []
+    for i, layer in enumerate(m.model.layers):
+        layer.self_attn.q_proj.lora_A.register_hook(lambda g, i=i: order.append(i))
+    real = act._ActGroup.prefetch
+
+    def prefetch(self):
+        if self.gpu is None:
+            order.append("prefetch")
+        real(self)
+
+    monkeypatch.setattr(act._ActGroup, "prefetch", prefetch)
     ids, pos = _batch()
     torch.manual_seed(7)
     h = m(ids, pos)
     last = fn._last_group()
-    assert last is not None and last.gpu is not None  # prefetched before backward
+    assert last is not None and last.gpu is None and order == []  # nothing comes back during forward
     loss = (h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()
     loss.backward()
-    g = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    # blocks n-1, n-2 are kept; block n-3 (offloaded) comes back `lead` kept blocks before its backward
+    assert order == [n - 1, "prefetch", n - 2, n - 3] if lead == 1 else ["prefetch", n - 1, n - 2, n - 3]
+    g = {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}
     assert _max_diff(g, g0) == 0.0
 
 
@@ -396,7 +416,8 @@ def test_blocks_in_save_mlp_keep_gate_up_and_the_gradients_stay_plain(monkeypatc
 def test_save_mlp_layers_spreads_the_offloaded_choice():
     from tunery.train.activations import save_mlp_layers
 
-    assert save_mlp_layers(32, 4, kept=2, offloaded=5) == [5, 11, 16, 22, 27, 28, 29]
+    # kept: the last ones (the very last block's gate/up cost nothing at the backward peak)
+    assert save_mlp_layers(32, 4, kept=2, offloaded=5) == [5, 11, 16, 22, 27, 30, 31]
     assert save_mlp_layers(32, 4, kept=9, offloaded=99) == list(range(32))
     assert save_mlp_layers(8, 0) == []
     assert save_mlp_layers(8, 2, offloaded=1) == [5]
@@ -416,8 +437,8 @@ def test_gate_up_blocks_that_fit_uses_the_copy_time_the_forward_leaves():
 
 @pytest.mark.gpu
 def test_gpu_save_mlp_auto_times_the_second_forward_then_keeps_gate_up():
-    """save_mlp "auto" on CUDA: no choice before the third forward (the second is timed with CUDA
-    events), then a count within the offloaded blocks; the fused MLPs of the chosen blocks stop
+    """save_mlp "auto" on CUDA: no choice before the fourth forward (the second and third are timed with
+    CUDA events), then a count within the offloaded blocks; the fused MLPs of the chosen blocks stop
     recomputing gate/up, their copies out grow by them, and the gradients stay the plain ones."""
     import tunery.kernels.lora as kl
 
@@ -437,14 +458,14 @@ def test_gpu_save_mlp_auto_times_the_second_forward_then_keeps_gate_up():
 
     kl.FusedMLPFunction.apply = spy
     try:
-        for step in range(3):
+        for step in range(4):
             seen.clear()
             m.zero_grad(set_to_none=True)
             torch.manual_seed(7)
             h = m(ids, pos)
             ((h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()).backward()
             torch.cuda.synchronize()
-            if step < 2:
+            if step < 3:
                 assert fn.auto_report is None and not fn.save_mlp and all(seen), (step, seen)
     finally:
         kl.FusedMLPFunction.apply = orig
@@ -458,7 +479,8 @@ def test_gpu_save_mlp_auto_times_the_second_forward_then_keeps_gate_up():
 
 def test_trainer_turns_a_save_mlp_count_into_offloaded_blocks():
     """`offload_save_mlp: N` (a count) reaches the checkpoint function as the indices save_mlp_layers
-    spreads over the offloaded blocks; "auto" goes through as it is."""
+    spreads over the offloaded blocks; "auto" goes through as it is; `offload_save_mlp_kept: N` adds the
+    last N kept blocks either way (known before any forward)."""
     from tunery.train.loop import _apply_checkpointing
 
     m = _model(dropout=0.0)
@@ -467,6 +489,24 @@ def test_trainer_turns_a_save_mlp_count_into_offloaded_blocks():
     assert m.model.checkpoint_fn.save_mlp == {n - 2} and not m.model.checkpoint_fn.auto
     _apply_checkpointing(m, "offload", offload="activations", keep_on_gpu=1, save_mlp="auto")
     assert m.model.checkpoint_fn.auto and not m.model.checkpoint_fn.save_mlp
+    _apply_checkpointing(m, "offload", offload="activations", keep_on_gpu=2, save_mlp="auto", save_mlp_kept=1)
+    assert m.model.checkpoint_fn.auto and m.model.checkpoint_fn.save_mlp == {n - 1}
+    _apply_checkpointing(m, "offload", offload="activations", keep_on_gpu=2, save_mlp=1, save_mlp_kept=5)
+    assert m.model.checkpoint_fn.save_mlp == {n - 3, n - 2, n - 1}
+
+
+def test_config_offload_save_mlp_kept_reaches_the_checkpoint_function_and_the_planner(tiny_llama):
+    """The config key (default 1) goes to apply_checkpointing and to the planner's Setup."""
+    from tunery.config import load_config
+    from tunery.train.plan import setup_from_config
+
+    base = {"base_model": str(tiny_llama), "adapter": "lora", "gradient_checkpointing": "offload",
+            "offload_strategy": "activations", "offload_keep_on_gpu": 2,
+            "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
+    assert load_config(base).offload_save_mlp_kept == 1
+    assert setup_from_config(load_config({**base, "offload_save_mlp_kept": 2})).mlp_save_kept == 2
+    with pytest.raises(Exception, match="offload_save_mlp_kept"):
+        load_config({**base, "offload_save_mlp_kept": -1})
 
 
 def test_activation_group_keeps_one_copy_of_a_transposed_view_and_its_flat_view():
@@ -513,5 +553,49 @@ def test_save_mlp_auto_retimes_a_forward_that_never_finished(monkeypatch):
     fn._calibrate(layer, x, 0)  # forward 3: times itself instead
     assert fn._cal is not None and fn._cal is not first and fn.auto
     fn._cal.end = FakeEvent()
-    fn._calibrate(layer, x, 0)  # forward 4: decides (no copies timed: nothing to add)
+    fn._calibrate(layer, x, 0)  # forward 4: forward 3 is in; the second timed forward is this one
+    assert fn.auto and fn._cal is not None and len(fn._timed) == 1
+    fn._cal.end = FakeEvent()
+    fn._calibrate(layer, x, 0)  # forward 5: decides (no copies timed: nothing to add)
     assert not fn.auto and fn._cal is None and fn.auto_report["save_mlp_blocks"] == 0
+    assert fn.auto_report["forwards_ms"] == [10.0, 10.0]
+
+
+def test_save_mlp_auto_decides_on_the_shorter_timed_forward(monkeypatch):
+    """Two timed forwards (fake CUDA events): the shorter one, and its copies, pick the count; a
+    forward whose events are not done yet is looked at again at the next forward."""
+    import tunery.train.activations as acts
+    from tunery.train.activations import OffloadCheckpoint, gate_up_blocks_that_fit
+
+    class Ev:
+        def __init__(self, t=0.0, done=True):
+            self.t, self.done = t, done
+
+        def query(self):
+            return self.done
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    monkeypatch.setattr(acts.torch.cuda, "current_stream", lambda *a: None)
+    monkeypatch.setattr(acts._Calibration, "event", staticmethod(lambda stream: Ev()))
+    monkeypatch.setattr(acts, "_host_free", lambda: 1 << 50)
+    fn = OffloadCheckpoint(num_layers=32, keep_on_gpu=4, strategy="activations", save_mlp="auto", save_kept=1)
+    assert fn.save_mlp == {31}  # the kept block's choice is known at once
+    layer = _model(dropout=0.0).model.layers[0]
+    x = torch.zeros(1, 4096, 64)  # gate/up: 2 x 4096 x 160 x 4 bytes
+    gu = 2 * 4096 * 160 * 4
+    fn._calibrate(layer, x, 0)  # forward 1
+    for forward_ms, copy_ms in ((150.0, 60.0), (100.0, 60.0)):
+        fn._calibrate(layer, x, 0)
+        cal = fn._cal
+        cal.start, cal.end = Ev(0.0), Ev(forward_ms, done=False)
+        cal.copies, cal.bytes = [(Ev(0.0), Ev(copy_ms))], 10 * gu
+        fn._calibrate(layer, x, 0)  # events not done: nothing happens
+        assert fn._cal is cal and fn.auto
+        cal.end.done = True
+    fn._calibrate(layer, x, 0)
+    n = gate_up_blocks_that_fit(100.0, 60.0, 10 * gu, gu, 28)
+    assert not fn.auto and n == 5 and gate_up_blocks_that_fit(150.0, 60.0, 10 * gu, gu, 28) == 12 and fn.auto_report["save_mlp_blocks"] == n
+    assert fn.auto_report["forwards_ms"] == [150.0, 100.0] and fn.auto_report["forward_ms"] == 100.0
+    assert fn.save_mlp == set(acts.save_mlp_layers(32, 4, 1, n)) and 31 in fn.save_mlp

@@ -163,23 +163,65 @@ def test_gpu_planner_within_15_percent():
 
 
 def test_blocks_that_keep_gate_up_add_their_tensors_where_they_live():
-    """Strategy "activations": a kept block that keeps gate/up adds 2 x [tokens, intermediate] to the GPU
-    peak; offloaded ones add them to host memory and (one coming back, one in flight) to the GPU;
-    "auto" counts the GPU terms of one and no host memory (the count is picked at run time)."""
+    """Strategy "activations": kept blocks that keep gate/up (the last ones) add 2 x [tokens, intermediate]
+    each to the loss phase, and to the backward peak all but the last block's (its MLP backward holds
+    gate/up anyway); offloaded ones add them to host memory and (one coming back, one in flight) to the
+    GPU; "auto" counts the GPU terms of one and no host memory (the count is picked at run time)."""
     sh = ModelShape.from_hf(LLAMA_8B)
     s = Setup(seq_len=2048, micro_batch=2, adapter="qlora", double_quant=True, checkpointing="offload",
               keep_on_gpu=4, embed_on_cpu=True, mlp_recompute=True, ignored_labels=False,
               offload_strategy="activations")
     gu = 2 * 4096 * 14336 * 2  # gate and up of 4096 tokens, bf16
-    base = peak_bytes(sh, s)
-    host = estimate(sh, s)["activations"]["host_bytes"]
-    assert peak_bytes(sh, replace(s, mlp_save_kept=2)) - base == pytest.approx(2 * gu, rel=1e-6)
-    assert peak_bytes(sh, replace(s, mlp_save_kept=9)) - base == pytest.approx(4 * gu, rel=1e-6)  # 4 kept
-    off = estimate(sh, replace(s, mlp_save_offloaded=6))["activations"]
-    assert off["host_bytes"] - host == pytest.approx(6 * gu, rel=1e-6)
-    assert peak_bytes(sh, replace(s, mlp_save_offloaded=6)) - base == pytest.approx(gu, rel=1e-6)
+
+    def phases(setup):
+        a = estimate(sh, setup)["activations"]
+        return a["backward_phase_total"], a["loss_phase_total"], a["host_bytes"]
+
+    bwd, loss, host = phases(s)
+    for kept, bwd_more in ((1, 0), (2, 1), (4, 3), (9, 3)):  # 4 blocks are kept
+        b, lo, h = phases(replace(s, mlp_save_kept=kept))
+        assert b - bwd == pytest.approx(bwd_more * gu, rel=1e-6), kept
+        assert lo - loss == pytest.approx(min(kept, 4) * gu, rel=1e-6) and h == host
+    b, lo, h = phases(replace(s, mlp_save_offloaded=6))
+    assert h - host == pytest.approx(6 * gu, rel=1e-6)
+    # the copy back now carries gate/up too: the peak moves to where it starts (2 kept stacks + it), from
+    # the last block's backward (4 kept stacks)
+    stack = 4.5 * 4096 * 4096 * 2
+    assert b - bwd == pytest.approx(gu - stack, rel=1e-6) and lo - loss == pytest.approx(gu, rel=1e-6)
     auto = replace(s, mlp_save_offloaded="auto")
     assert peak_bytes(sh, auto) == peak_bytes(sh, replace(s, mlp_save_offloaded=1))
     assert estimate(sh, auto)["activations"]["host_bytes"] == host
     assert peak_bytes(sh, replace(s, offload_strategy="inputs", mlp_save_offloaded=6)) == \
         peak_bytes(sh, replace(s, offload_strategy="inputs"))  # whole blocks recomputed: no effect
+
+
+def test_activation_offload_backward_peaks_where_the_copy_back_starts():
+    """The last offloaded block comes back when the backward of the kept block PREFETCH_LEAD blocks before
+    it starts (train/activations.py): with 4 kept blocks the peak is there (2 blocks alive + the copy);
+    with one kept block the copy overlaps the last block's backward. Both constants match the runtime's."""
+    import tunery.kernels.cross_entropy as ce
+    import tunery.train.activations as acts
+    from tunery.train.plan import PREFETCH_LEAD, ce_chunk_rows
+
+    assert PREFETCH_LEAD == acts.PREFETCH_LEAD
+    for vocab in (32000, 128256, 151936, 262144):
+        assert ce_chunk_rows(vocab) == ce._chunk_rows(8192, vocab, None)
+    sh = ModelShape.from_hf(LLAMA_8B)
+    s = Setup(seq_len=2048, micro_batch=2, adapter="qlora", double_quant=True, checkpointing="offload",
+              embed_on_cpu=True, mlp_recompute=True, ignored_labels=False, offload_strategy="activations")
+    u = 4096 * 4096 * 2
+    stack = 4.5 * u  # x, q, k (1/4), v (1/4), attention output, MLP input
+
+    def bwd(keep, **kw):
+        return estimate(sh, replace(s, keep_on_gpu=keep, **kw))["activations"]["backward_phase_total"]
+
+    # one kept block: its backward (its own stack, the copy back beside it) is the offloaded ones' moment
+    assert bwd(1) == pytest.approx(bwd(0), rel=1e-9)
+    assert bwd(2) - bwd(0) == pytest.approx(stack, rel=1e-6)  # two kept blocks alive + the copy back
+    # more kept blocks: the last block's moment (all kept stacks, no copy back yet) takes over
+    assert bwd(4) - bwd(0) == pytest.approx(2 * stack, rel=1e-6)
+    assert bwd(8) - bwd(0) == pytest.approx(6 * stack, rel=1e-6)
+    # offloaded blocks that keep gate/up make the copy back larger: with 4 kept the peak is where it starts
+    gu = 7 * u
+    assert bwd(4, mlp_save_offloaded="auto") - bwd(0, mlp_save_offloaded="auto") == pytest.approx(stack, rel=1e-6)
+    assert bwd(0, mlp_save_offloaded="auto") - bwd(0) == pytest.approx(gu, rel=1e-6)

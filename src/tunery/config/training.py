@@ -42,6 +42,10 @@ class TrainingSection(Section):
         "auto", description="With offload_strategy activations: how many offloaded blocks also send the MLP's "
         "gate/up to CPU memory instead of recomputing them in backward (less compute, more PCIe traffic); auto "
         "measures the copy time the second forward leaves unused on the GPU and fills it.")
+    offload_save_mlp_kept: int = Field(1, ge=0, description="With offload_strategy activations and "
+        "offload_keep_on_gpu: the last N kept blocks keep the MLP's gate/up on the GPU instead of recomputing "
+        "them in backward (2 x intermediate x tokens x 2 bytes each; the very last block's cost nothing at "
+        "the backward peak); `tunery plan` says how many fit.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
     eval_batch_size: int | None = None
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")

@@ -454,6 +454,10 @@ class _ActGroup:
             self.event = None
 
 
+CALIBRATION_FORWARDS = 2  # save_mlp "auto": timed forwards, the shortest decides
+PREFETCH_LEAD = 2  # kept blocks of backward that the copy back of the last offloaded block overlaps
+
+
 class OffloadCheckpoint:
     """The `checkpoint_fn` for mode "offload". One instance per model; keeps a pinned host pool.
 
@@ -474,7 +478,7 @@ class OffloadCheckpoint:
 
     def __init__(self, keep_on_gpu: int = 0, num_layers: int | None = None, strategy: str = "inputs",
                  auto_max_tokens: int = 32768, min_bytes: int = 1 << 20, simulate: bool = False,
-                 save_mlp: Iterable[int] | str = ()):
+                 save_mlp: Iterable[int] | str = (), save_kept: int = 0):
         if strategy not in ("auto", "inputs", "activations"):
             raise ValueError(f"offload strategy must be auto, inputs or activations, got {strategy!r}")
         self.keep_on_gpu = keep_on_gpu
@@ -482,9 +486,13 @@ class OffloadCheckpoint:
         # GPU for a kept block, in host memory with the rest otherwise); every other block recomputes
         # them. "auto": picked from the second forward's timings (_calibrate), none until then.
         self.auto = save_mlp == "auto"
-        self.save_mlp = frozenset() if self.auto else frozenset(save_mlp)
+        self.save_kept = save_kept  # the last N kept blocks keep gate/up on the GPU (with "auto" too)
+        kept = save_mlp_layers(num_layers, keep_on_gpu, save_kept) if num_layers else []
+        self.save_mlp = frozenset(kept) if self.auto else frozenset(save_mlp) | frozenset(kept)
         self.auto_report: dict | None = None
         self._cal: _Calibration | None = None
+        self._timed: list[tuple[float, float, int]] = []  # (forward ms, copy ms, bytes) of finished timed forwards
+        self._gate_up_bytes = 0
         self._forwards = 0
         self.num_layers = num_layers
         self.strategy = strategy
@@ -542,9 +550,7 @@ class OffloadCheckpoint:
             if not offload:  # a kept block: its tensors stay on the GPU
                 with _MLPRecompute(layer, idx not in self.save_mlp):
                     y = layer(x, rope, cu_seqlens, max_seqlen)
-                last = self._last_group() if self._last_group is not None else None
-                if last is not None and self.num_layers is not None and idx == self.num_layers - 1:
-                    last.prefetch()  # backward reaches the last offloaded block after the kept ones: copy it back now
+                self._prefetch_after_kept(y, idx)
             else:
                 y = self._activations(layer, x, rope, cu_seqlens, max_seqlen, first, idx)
             if self._cal is not None and self._cal.end is None and idx == (self.num_layers or 1) - 1:
@@ -565,41 +571,75 @@ class OffloadCheckpoint:
         self._last = weakref.ref(holder[0])
         return y
 
+    def _prefetch_after_kept(self, y: torch.Tensor, idx: int) -> None:
+        """Backward reaches the last offloaded block right after the kept ones: start copying it back
+        when the backward of the kept block PREFETCH_LEAD blocks before it begins (a hook on that block's
+        output), not at the end of forward. Copied back early it would sit on the GPU through the loss and
+        the first kept blocks' backward, where the step's memory peaks; two blocks of backward are
+        several times the copy's time."""
+        if self.num_layers is None:
+            return
+        n_off = self.num_layers - min(self.keep_on_gpu, self.num_layers)
+        if idx != n_off + min(self.keep_on_gpu, PREFETCH_LEAD) - 1:
+            return
+        last = self._last_group() if self._last_group is not None else None
+        if last is None:
+            return
+        if not y.requires_grad:
+            last.prefetch()
+            return
+        ref = weakref.ref(last)
+
+        def hook(grad: torch.Tensor) -> None:
+            group = ref()
+            if group is not None:
+                group.prefetch()
+
+        y.register_hook(hook)
+
     def _calibrate(self, layer: nn.Module, x: torch.Tensor, idx: int) -> None:
-        """save_mlp "auto": the second forward times its copies out against its blocks' compute (CUDA
-        events, every block recomputing gate/up); at a later forward, once those events are done, it
-        picks how many offloaded blocks also send gate/up out: as many as the copy time the forward
-        leaves unused can carry (90% of it). Each one saves a [tokens, hidden] x [hidden, 2 x
-        intermediate] GEMM in backward; past that the copies out fall behind and hold GPU memory."""
-        cal = self._cal
+        """save_mlp "auto": CALIBRATION_FORWARDS forwards from the second on time their copies out against
+        their blocks' compute (CUDA events, every block recomputing gate/up); once those events are done,
+        the shortest of them picks how many offloaded blocks also send gate/up out: as many as the copy
+        time it leaves unused can carry (90% of it). Each one saves a [tokens, hidden] x [hidden, 2 x
+        intermediate] GEMM in backward; past that the copies out fall behind and hold GPU memory. One
+        timed forward ran 117-159 ms on different H200s, and its pick 4-15 blocks: the shorter of two
+        is the steadier (and the safer: fewer blocks)."""
         if idx != 0 or self.num_layers is None:
             return
         self._forwards += 1
+        cal = self._cal
         if cal is None and self._forwards < 2:  # the first forward allocates the pinned buffers: not timed
             return
         if cal is not None and cal.end is None:  # the timed forward never finished (it raised): time this one
             cal = self._cal = None
-        if cal is None:
-            inter = getattr(getattr(getattr(layer, "mlp", None), "gate_proj", None), "out_features", None)
-            if not inter or getattr(layer.mlp, "recompute", None) is None:
-                self.auto = False  # no fused MLP with a gate/up switch: nothing to choose
-                return
-            self._cal = cal = _Calibration(2 * (x.numel() // x.shape[-1]) * inter * x.element_size())
-            cal.start = cal.event(torch.cuda.current_stream(x.device))
+        if cal is not None:
+            if not all(e.query() for e in cal.all_events()):
+                return  # the GPU is still behind: look again at the next forward
+            self._timed.append(cal.result())
+            cal = self._cal = None
+        if len(self._timed) >= CALIBRATION_FORWARDS:
+            self._decide()
             return
-        if cal.end is None or not all(e.query() for e in cal.all_events()):
+        inter = getattr(getattr(getattr(layer, "mlp", None), "gate_proj", None), "out_features", None)
+        if not inter or getattr(layer.mlp, "recompute", None) is None:
+            self.auto = False  # no fused MLP with a gate/up switch: nothing to choose
             return
+        self._gate_up_bytes = 2 * (x.numel() // x.shape[-1]) * inter * x.element_size()
+        self._cal = cal = _Calibration()
+        cal.start = cal.event(torch.cuda.current_stream(x.device))
+
+    def _decide(self) -> None:
         self.auto = False
-        forward_ms = cal.start.elapsed_time(cal.end)
-        copy_ms = sum(a.elapsed_time(b) for a, b in cal.copies)
+        forward_ms, copy_ms, copied = min(self._timed)
         n_off = self.num_layers - min(self.keep_on_gpu, self.num_layers)
-        n = gate_up_blocks_that_fit(forward_ms, copy_ms, cal.bytes, cal.gate_up_bytes, n_off)
-        n = min(n, max(0, _host_free() // 2 - self.pool.total_bytes) // cal.gate_up_bytes)  # host memory too
-        self.save_mlp = frozenset(save_mlp_layers(self.num_layers, self.keep_on_gpu, 0, n))
-        self.auto_report = {"forward_ms": round(forward_ms, 1), "copied_gb": round(cal.bytes / 1e9, 2),
-                            "copy_gbps": round(cal.bytes / copy_ms / 1e6, 1) if copy_ms else None,
+        n = gate_up_blocks_that_fit(forward_ms, copy_ms, copied, self._gate_up_bytes, n_off)
+        n = min(n, max(0, _host_free() // 2 - self.pool.total_bytes) // self._gate_up_bytes)  # host memory too
+        self.save_mlp = frozenset(save_mlp_layers(self.num_layers, self.keep_on_gpu, self.save_kept, n))
+        self.auto_report = {"forward_ms": round(forward_ms, 1), "forwards_ms": [round(t[0], 1) for t in self._timed],
+                            "copied_gb": round(copied / 1e9, 2),
+                            "copy_gbps": round(copied / copy_ms / 1e6, 1) if copy_ms else None,
                             "save_mlp_blocks": n}
-        self._cal = None
 
     def _activations(self, layer, x, rope, cu_seqlens, max_seqlen, first: bool, idx: int) -> torch.Tensor:
         key = id(layer)
@@ -636,11 +676,14 @@ def gate_up_blocks_that_fit(forward_ms: float, copy_ms: float, copied: int, gate
 class _Calibration:
     """CUDA events of one forward for save_mlp "auto" (OffloadCheckpoint._calibrate)."""
 
-    def __init__(self, gate_up_bytes: int):
-        self.gate_up_bytes = gate_up_bytes  # what one block's gate/up add to its copies out
+    def __init__(self):
         self.start = self.end = None
         self.copies: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.bytes = 0
+
+    def result(self) -> tuple[float, float, int]:
+        """(forward ms, copy ms, bytes copied out) once every event is done."""
+        return (self.start.elapsed_time(self.end), sum(a.elapsed_time(b) for a, b in self.copies), self.bytes)
 
     @staticmethod
     def event(stream) -> torch.cuda.Event:
@@ -701,13 +744,15 @@ DEFAULT_MLP_CHUNK = 8192
 
 
 def save_mlp_layers(num_layers: int, keep_on_gpu: int, kept: int = 0, offloaded: int = 0) -> list[int]:
-    """Blocks whose fused MLP keeps gate/up (strategy "activations"): `kept` of the last `keep_on_gpu`
-    blocks (GPU memory, no PCIe) and `offloaded` of the others, spread evenly and ending at the last
-    one, so the extra copies out never pile up behind one stretch of the forward (each such block adds
-    ~2 x intermediate/hidden units of PCIe traffic against one block's compute)."""
+    """Blocks whose fused MLP keeps gate/up (strategy "activations"): the last `kept` of the last
+    `keep_on_gpu` blocks (GPU memory, no PCIe; the very last block's cost nothing at the backward peak,
+    where its MLP backward would hold the recomputed ones anyway) and `offloaded` of the others, spread
+    evenly and ending at the last one, so the extra copies out never pile up behind one stretch of the
+    forward (each such block adds ~2 x intermediate/hidden units of PCIe traffic against one block's
+    compute)."""
     keep = min(max(keep_on_gpu, 0), num_layers)
     n_off = num_layers - keep
-    kept_ids = list(range(n_off, n_off + min(max(kept, 0), keep)))
+    kept_ids = list(range(num_layers - min(max(kept, 0), keep), num_layers))
     off = min(max(offloaded, 0), n_off)
     off_ids = sorted({n_off - 1 - (j * n_off) // off for j in range(off)}) if off else []
     return off_ids + kept_ids
@@ -715,7 +760,7 @@ def save_mlp_layers(num_layers: int, keep_on_gpu: int, kept: int = 0, offloaded:
 
 def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk: int | str | None = "auto",
                         keep_on_gpu: int = 0, offload: str = "inputs",
-                        save_mlp: Iterable[int] | int | str = ()) -> Callable | None:
+                        save_mlp: Iterable[int] | int | str = (), save_mlp_kept: int = 0) -> Callable | None:
     """Set gradient checkpointing for `model` (Tunery's decoder, or the transformers fallback).
 
     mode: False/None (off), True (recompute per block), "offload" (recompute, block inputs in CPU
@@ -728,7 +773,8 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     whose fused MLP keeps gate/up instead of recomputing them in backward (2 x intermediate/hidden units
     each, on the GPU for a kept block, through host memory otherwise), a count of offloaded blocks
     (`save_mlp_layers` spreads them), or "auto": as many offloaded blocks as the copy time left over in
-    the second forward carries (CUDA).
+    the second forward carries (CUDA). `save_mlp_kept`: the last N of the kept blocks keep gate/up too
+    (GPU memory; the planner's `best_save_kept` says how many fit).
     Returns the installed checkpoint function (an OffloadCheckpoint for "offload").
     """
     if mode not in (None, False, True, "offload"):
@@ -751,7 +797,8 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     elif mode == "offload":
         if isinstance(save_mlp, int):  # a count of offloaded blocks -> their indices
             save_mlp = save_mlp_layers(len(body.layers), keep_on_gpu, 0, save_mlp)
-        off = OffloadCheckpoint(keep_on_gpu, len(body.layers), strategy=offload, save_mlp=save_mlp)
+        off = OffloadCheckpoint(keep_on_gpu, len(body.layers), strategy=offload, save_mlp=save_mlp,
+                                save_kept=save_mlp_kept)
         off.layer_index = {id(layer): i for i, layer in enumerate(body.layers)}
         body.checkpoint_fn = off
     else:

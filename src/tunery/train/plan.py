@@ -24,10 +24,14 @@ u = N x H x 2 (one bf16 hidden-state tensor); a = q_dim / H, g = kv_dim / H, r =
                mlp_chunk tokens when chunked, + u for the chunked MLP's input gradient); attention
                phase = S - u + 2u of gradients + FlashAttention-2's backward: do, dq, an fp32 dq
                accumulator (2a u), GQA-expanded dk/dv (2a u) and dk, dv; + u prefetched (offload);
+               strategy "activations" takes the largest of three backward moments instead: an
+               offloaded block (its S + the one before it coming back), the last block (every kept
+               block alive, the copy back not started) and the kept block whose backward starts the
+               copy back (PREFETCH_LEAD blocks alive); a block's own gate/up count in its MLP phase;
                + the adapters' gradients and twice the largest dequantized weight (QLoRA);
                end of forward (the loss): all kept inputs + 3u (last block output, final norm output,
                the loss's gradient wrt it) + 2u more when labels are ignored (gathered rows, full-size
-               gradient) + one chunk of bf16 logits (rows = 256 MiB / (2V) rounded down to a power of
+               gradient) + one chunk of bf16 logits (rows = 128 MiB / (2V) rounded down to a power of
                2 in [128, 8192], kernels/cross_entropy.py).
   logits       that logits chunk, when the peak is at the loss.
   other        FIXED_OVERHEAD (cuBLAS workspaces, allocator rounding) + the dequantization scratch.
@@ -52,6 +56,7 @@ ACT_SCALE = 1.0
 FIXED_OVERHEAD = 256 * MiB
 CE_BYTES_PER_LOGIT = 2     # the fused loss keeps one bf16 logits chunk (gradients written over it)
 CONTEXT_RESERVE = 1 * GiB  # CUDA context + allocator slack when deciding "fits"
+PREFETCH_LEAD = 2          # train/activations.py's: kept blocks of backward the last offloaded block's copy back overlaps
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -181,9 +186,10 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
         prefetch += gu_saved
     mlp_bwd = (3 * r + 1) * frac + (1.0 if frac < 1 else 0.0)  # gate, up, dh (+ grad_x of a chunked MLP)
     attn_bwd = 4 * a + (2 * a if g < a else 0.0) + 2 * g     # do, dq, fp32 dq accumulator, GQA dk/dv, dk, dv
-    mlp_phase = x_stack + gate_up + 1 + mlp_bwd + prefetch     # + the incoming gradient
-    attn_phase = (x_stack - 1) + 2 + attn_bwd + prefetch       # MLP input freed; two gradients in flight
-    block_bwd = ACT_SCALE * max(mlp_phase, attn_phase) * u
+    mlp_phase = x_stack + gate_up + 1 + mlp_bwd               # + the incoming gradient
+    attn_phase = (x_stack - 1) + 2 + attn_bwd                 # MLP input freed; two gradients in flight
+    work = ACT_SCALE * max(mlp_phase, attn_phase)              # one block's backward, its own saved tensors included
+    block_bwd = (work + prefetch) * u
     if not s.checkpointing:
         kept_bwd, kept_fwd = (L - 1) * block_saved * u, L * block_saved * u
     elif s.checkpointing is True:
@@ -192,6 +198,17 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
         kept_bwd = (keep * block_saved + save_kept * gu_saved) * u
         # copies still in flight at the end of forward (the last offloaded block keeps gate/up when any does)
         kept_fwd = kept_bwd + (block_saved + (gu_saved if save_off else 0)) * u
+        # backward, the largest of three moments (the kept blocks that keep gate/up are the last ones; a
+        # block's own gate/up are the ones its MLP backward works on, counted in `work`):
+        lead = min(keep, PREFETCH_LEAD)
+        pre = prefetch if keep < L else 0.0
+        moments = [work + pre]  # an offloaded block, the one before it coming back
+        if keep:  # the last block: every kept block alive, the copy back not started unless few are kept
+            moments.append(work + (keep - 1) * block_saved + max(0, save_kept - 1) * gu_saved
+                           + (pre if keep <= PREFETCH_LEAD else 0.0))
+            alive_saved = max(0, save_kept - (keep - lead))  # the kept block whose backward starts the copy back
+            moments.append(work + (lead - 1) * block_saved + max(0, alive_saved - 1) * gu_saved + pre)
+        block_bwd, kept_bwd = max(moments) * u, 0.0
     else:
         kept_bwd = kept_fwd = keep * u
     host = 0
@@ -222,8 +239,9 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
 
 
 def ce_chunk_rows(vocab: int) -> int:
-    """Rows per chunk of the fused linear cross-entropy (kept in step with kernels/cross_entropy.py)."""
-    rows = (256 << 20) // max(1, 2 * vocab)
+    """Rows per chunk of the fused linear cross-entropy (kept in step with kernels/cross_entropy.py's
+    _chunk_rows; a test checks it): about 128 MiB of bf16 logits."""
+    rows = (128 << 20) // max(1, 2 * vocab)
     return max(128, min(8192, 1 << max(rows, 1).bit_length() - 1))
 
 
@@ -241,6 +259,15 @@ def max_seq_len(shape: ModelShape, s: Setup, budget: int, step: int = 1024, cap:
         else:
             hi = mid - 1
     return lo * step
+
+
+def best_save_kept(shape: ModelShape, s: Setup, budget: int) -> int:
+    """Strategy "activations": how many of the kept blocks can also keep gate/up within `budget`."""
+    best = 0
+    for k in range(min(s.keep_on_gpu, shape.layers) + 1):
+        if peak_bytes(shape, replace(s, mlp_save_kept=k)) <= budget:
+            best = k
+    return best
 
 
 def best_keep_on_gpu(shape: ModelShape, s: Setup, budget: int) -> int:
@@ -303,6 +330,12 @@ def _suggest(r: PlanReport, budget: int) -> None:
                 r.suggestions.append(f"offload_keep_on_gpu: {keep} also fits (the last {keep} blocks stay on "
                                      f"the GPU: fewer host copies; predicted "
                                      f"{_gib(peak_bytes(shape, replace(s, keep_on_gpu=keep)))})")
+            if s.offload_strategy == "activations" and s.mlp_recompute and s.keep_on_gpu:
+                saves = best_save_kept(shape, s, budget)
+                if saves > s.mlp_save_kept:
+                    r.suggestions.append(f"offload_save_mlp_kept: {saves} also fits (the last {saves} kept blocks "
+                                         f"keep gate/up: less recompute; predicted "
+                                         f"{_gib(peak_bytes(shape, replace(s, mlp_save_kept=saves)))})")
         if s.checkpointing:
             for mode in (False, True):
                 if mode == s.checkpointing or (mode is True and s.checkpointing is True):
@@ -371,7 +404,8 @@ def setup_from_config(cfg: Any, hidden: int | None = None, **overrides: Any) -> 
               modules_to_save=tuple(cfg.lora_modules_to_save or ()),
               mlp_chunk=8192 if cfg.gradient_checkpointing else None,  # activations.py's "auto"
               keep_on_gpu=getattr(cfg, "offload_keep_on_gpu", 0),
-              mlp_save_offloaded=getattr(cfg, "offload_save_mlp", 0))
+              mlp_save_offloaded=getattr(cfg, "offload_save_mlp", 0),
+              mlp_save_kept=getattr(cfg, "offload_save_mlp_kept", 0))
     strategy = getattr(cfg, "offload_strategy", "inputs")
     if strategy == "auto":  # OffloadCheckpoint.pick, less its host-memory check (unknown here)
         big = (hidden or 0) >= 3072 and kw["seq_len"] * kw["micro_batch"] <= 32768
@@ -501,5 +535,5 @@ def plan_cli(config_path: str, gpu_mem: str | None = None, overrides: list[str] 
     return format_report(plan(cfg, parse_bytes(gpu_mem) if gpu_mem else None))
 
 
-__all__ = ["ModelShape", "PlanReport", "Setup", "best_keep_on_gpu", "estimate", "format_report", "max_seq_len",
-           "parse_bytes", "peak_bytes", "plan", "plan_cli", "plan_shapes", "setup_from_config"]
+__all__ = ["ModelShape", "PlanReport", "Setup", "best_keep_on_gpu", "best_save_kept", "estimate", "format_report",
+           "max_seq_len", "parse_bytes", "peak_bytes", "plan", "plan_cli", "plan_shapes", "setup_from_config"]
