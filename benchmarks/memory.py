@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py                          # H200: part "speed" (QLoRA 8B, seq 2048 x 2):
                                                          # tunery_act, standard (and liger) 3 times in turn,
-                                                         # 3 warm-up + 10 timed steps each, medians compared
+                                                         # 4 warm-up + 10 timed steps each, medians compared
     python benchmarks/memory.py --part context --stacks tunery --modes qlora      # one search per command
     python benchmarks/memory.py --part context --stacks tunery --modes lora16
     python benchmarks/memory.py --part context --stacks standard,liger --modes qlora,lora16
@@ -21,7 +21,8 @@ Stacks, each configuration in its own subprocess:
   embedding in CPU memory, gradient checkpointing "offload" (block inputs in pinned CPU memory),
   MLP chunked over the sequence for long rows (variants: tunery_rc, the fused MLP also recomputes
   gate/up in backward; tunery_act, every other saved activation offloaded, no block recompute, gate/up
-  recomputed except in the blocks save_mlp "auto" picks, as the trainer's default); loss =
+  recomputed except in the blocks save_mlp "auto" picks and the last kept one, as the trainer's defaults;
+  the kept blocks and how many of them keep gate/up: the planner's picks under 7 GiB); loss =
   linear_cross_entropy(hidden_flat[:-1], model.head_weight, ids_flat[1:]) / n.
 - standard: transformers + peft + bitsandbytes QLoRA (Linear4bit nf4, double quant, bf16 compute),
   SDPA attention, non-reentrant gradient checkpointing, bf16 autocast, model(..., labels=ids).loss.

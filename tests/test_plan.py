@@ -225,3 +225,30 @@ def test_activation_offload_backward_peaks_where_the_copy_back_starts():
     gu = 7 * u
     assert bwd(4, mlp_save_offloaded="auto") - bwd(0, mlp_save_offloaded="auto") == pytest.approx(stack, rel=1e-6)
     assert bwd(0, mlp_save_offloaded="auto") - bwd(0) == pytest.approx(gu, rel=1e-6)
+
+
+def test_peak_breakdown_replays_allocator_events():
+    """benchmarks/peak_breakdown.py: the live bytes at each phase's highest point, by allocation site
+    (synthetic allocator events: two forward tensors, a loss chunk, a backward buffer)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from peak_breakdown import breakdown
+
+    def ev(action, addr, size, file, name="forward"):
+        return {"action": action, "addr": addr, "size": size,
+                "frames": [{"filename": f"/x/tunery/{file}", "line": 1, "name": name}]}
+
+    mib = 1 << 20
+    events = [ev("alloc", 1, 100 * mib, "decoder.py"), ev("alloc", 2, 50 * mib, "lora.py"),
+              ev("free_requested", 2, 50 * mib, "lora.py"),
+              ev("alloc", 3, 30 * mib, "cross_entropy.py"), ev("free_requested", 3, 30 * mib, "cross_entropy.py"),
+              ev("alloc", 4, 70 * mib, "lora.py", "backward"), ev("free_requested", 1, 100 * mib, "decoder.py")]
+    lines = breakdown(events, start=1 << 30)
+    assert lines[0].startswith("  forward peak 1.146 GiB")  # 1 GiB + 150 MiB
+    assert "100.0 MiB" in lines[1] and "decoder.py" in lines[1]
+    loss = next(i for i, x in enumerate(lines) if x.startswith("  loss"))
+    assert lines[loss].startswith("  loss peak 1.127 GiB")  # 1 GiB + 100 + 30 MiB
+    bwd = next(i for i, x in enumerate(lines) if x.startswith("  backward"))
+    assert lines[bwd].startswith("  backward peak 1.166 GiB")  # 1 GiB + 100 + 70 MiB
