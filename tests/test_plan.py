@@ -252,3 +252,21 @@ def test_peak_breakdown_replays_allocator_events():
     assert lines[loss].startswith("  loss peak 1.127 GiB")  # 1 GiB + 100 + 30 MiB
     bwd = next(i for i, x in enumerate(lines) if x.startswith("  backward"))
     assert lines[bwd].startswith("  backward peak 1.166 GiB")  # 1 GiB + 100 + 70 MiB
+
+
+def test_plan_suggests_kept_blocks_that_keep_gate_up():
+    """Strategy "activations": when no further block can stay on the GPU but a kept block's gate/up can
+    (the last block's cost nothing at the backward peak), the plan says so, with the kept count."""
+    from tunery.train.plan import CONTEXT_RESERVE, best_keep_on_gpu, best_save_kept, plan_shapes
+
+    sh = ModelShape.from_hf(LLAMA_8B)
+    s = Setup(seq_len=2048, micro_batch=2, adapter="qlora", double_quant=True, checkpointing="offload",
+              keep_on_gpu=4, embed_on_cpu=True, mlp_recompute=True, ignored_labels=False,
+              offload_strategy="activations", mlp_save_kept=0)
+    budget = (peak_bytes(sh, replace(s, mlp_save_kept=1)) + peak_bytes(sh, replace(s, keep_on_gpu=5))) // 2
+    assert best_keep_on_gpu(sh, s, budget) == 4 and best_save_kept(sh, s, budget) == 1
+    r = plan_shapes(LLAMA_8B, s, budget + CONTEXT_RESERVE)
+    assert any(x.startswith("offload_save_mlp_kept: 1 also fits with offload_keep_on_gpu: 4") for x in r.suggestions), \
+        r.suggestions
+    assert not any(x.startswith("offload_save_mlp_kept") for x in plan_shapes(LLAMA_8B, replace(s, mlp_save_kept=1),
+                                                                             budget + CONTEXT_RESERVE).suggestions)

@@ -330,12 +330,15 @@ def _suggest(r: PlanReport, budget: int) -> None:
                 r.suggestions.append(f"offload_keep_on_gpu: {keep} also fits (the last {keep} blocks stay on "
                                      f"the GPU: fewer host copies; predicted "
                                      f"{_gib(peak_bytes(shape, replace(s, keep_on_gpu=keep)))})")
-            if s.offload_strategy == "activations" and s.mlp_recompute and s.keep_on_gpu:
-                saves = best_save_kept(shape, s, budget)
-                if saves > s.mlp_save_kept:
-                    r.suggestions.append(f"offload_save_mlp_kept: {saves} also fits (the last {saves} kept blocks "
-                                         f"keep gate/up: less recompute; predicted "
-                                         f"{_gib(peak_bytes(shape, replace(s, mlp_save_kept=saves)))})")
+            else:
+                keep = s.keep_on_gpu
+            if s.offload_strategy == "activations" and s.mlp_recompute and 0 < keep < shape.layers:
+                with_keep = replace(s, keep_on_gpu=keep)
+                saves = best_save_kept(shape, with_keep, budget)
+                if saves > min(s.mlp_save_kept, keep):
+                    r.suggestions.append(f"offload_save_mlp_kept: {saves} also fits with offload_keep_on_gpu: {keep} "
+                                         f"(the last {saves} kept blocks keep gate/up: less recompute; predicted "
+                                         f"{_gib(peak_bytes(shape, replace(with_keep, mlp_save_kept=saves)))})")
         if s.checkpointing:
             for mode in (False, True):
                 if mode == s.checkpointing or (mode is True and s.checkpointing is True):
