@@ -114,3 +114,28 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 1024**3 and parse_size(123) == 123
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_train_with_save_merged_writes_the_merged_model(tiny_llama, gsm8k_small, tmp_path):
+    """`save_merged: true` on an adapter run: RUN/merged is written at the end, and its logits are the
+    run's (base + trained adapter) as Tunery loads the run."""
+    from transformers import AutoModelForCausalLM
+
+    from tunery.train.loop import train
+
+    cfg = {"base_model": str(tiny_llama), "adapter": "lora", "lora_r": 4, "lora_target_linear": True,
+           "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
+                         "field_output": "answer"}],
+           "sequence_len": 256, "micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-2,
+           "save_merged": True, "output_dir": str(tmp_path / "run"), "progress_bar": False,
+           "dataset_prepared_path": str(tmp_path / "prepared")}
+    run = train(cfg)
+    assert (run / "merged" / "config.json").is_file()
+    model, _, _ = load_for_inference(run, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, 1000, (1, 11), generator=torch.Generator().manual_seed(3))
+    hf = AutoModelForCausalLM.from_pretrained(str(run / "merged"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    with torch.no_grad():
+        ref = model.logits(model(ids))
+        assert (hf(ids).logits - ref).abs().max() < 1e-4
+        assert (base(ids).logits - ref).abs().max() > 1e-3  # the adapter trained: not the base

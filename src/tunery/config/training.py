@@ -53,4 +53,5 @@ class TrainingSection(Section):
     resume_from_checkpoint: str | None = Field(None, description="auto (latest in output_dir) or a checkpoint path.")
     logging_steps: int = Field(1, ge=1)
     deterministic: bool = Field(False, description="Deterministic algorithms (for bitwise-exact resume).")
-    save_merged: bool = Field(False, description="Also write the merged model at the end.")
+    save_merged: bool = Field(False, description="Adapter runs: also write the merged model (adapter folded into "
+                              "the base, as `tunery merge RUN`) to RUN/merged at the end.")

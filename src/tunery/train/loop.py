@@ -360,6 +360,10 @@ class Trainer:
         with dist_ckpt.consolidated(self.model, trainable_only=bool(self.cfg.adapter)) as writer:
             if writer:
                 self.write_final()
+        if self.cfg.save_merged and self.cfg.adapter and self.main:  # a full fine-tune's model/ is the merged model
+            from ..export.merge import merge_run
+
+            print(f"merged model: {merge_run(self.run_dir)}", file=sys.stderr)
 
     def _stopped_message(self, step: int) -> None:
         if self.main:
