@@ -97,3 +97,42 @@ def test_rope_frequencies_stay_fp32_in_bf16(models):
     assert torch.equal(half.model.inv_freq, ref_g) and torch.equal(half.model.inv_freq_local, ref_l)
     empty = copy.deepcopy(own).to_empty(device="cpu")
     assert torch.equal(empty.model.inv_freq, ref_g)
+
+
+def test_attn_implementation_sets_every_layer_and_flex_gives_the_same_logits(models):
+    """`attn_implementation` (train/loop.py -> models.fused.set_attention): each value reaches every
+    attention layer of the own decoder; FlexAttention (eager on CPU) gives the default's logits, packed
+    rows included; the transformers fallback gets its own name, and varlen is refused there by name."""
+    from tunery.models.decoder import Attention
+    from tunery.models.fused import set_attention
+    from tunery.models.hf_fallback import HFCausalLM
+
+    hf, own = models["llama"]
+    m = copy.deepcopy(own)
+    for impl, backend in (("varlen", "flash"), ("flex", "flex"), ("eager", "sdpa"), ("sdpa", "sdpa")):
+        set_attention(m, impl)
+        assert {a.attn_backend for a in m.modules() if isinstance(a, Attention)} == {backend}
+    torch.manual_seed(3)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 21))
+    pos = torch.cat([torch.arange(9), torch.arange(12)]).expand(2, 21)
+    set_attention(m, "flex")
+    with torch.no_grad():
+        torch.testing.assert_close(m.logits(m(ids, pos)), own.logits(own(ids, pos)), atol=1e-5, rtol=1e-5)
+    fb = HFCausalLM(copy.deepcopy(hf))
+    set_attention(fb, "sdpa")
+    assert fb.hf.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="attn_implementation: varlen"):
+        set_attention(fb, "varlen")
+
+
+def test_the_trainer_applies_attn_implementation(models):
+    from tunery.config import load_config
+    from tunery.models.decoder import Attention
+    from tunery.train.loop import _configure_kernels
+
+    m = copy.deepcopy(models["llama"][1])
+    cfg = {"base_model": "x", "adapter": "lora", "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
+    _configure_kernels(m, load_config({**cfg, "attn_implementation": "flex"}))
+    assert {a.attn_backend for a in m.modules() if isinstance(a, Attention)} == {"flex"}
+    _configure_kernels(m, load_config(cfg))  # auto: the fused switch's choice
+    assert {a.attn_backend for a in m.modules() if isinstance(a, Attention)} == {"auto"}

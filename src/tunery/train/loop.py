@@ -516,12 +516,14 @@ def _quant_available() -> bool:
 
 
 def _configure_kernels(model: nn.Module, cfg: Config) -> None:
-    """Fused kernels on a CUDA GPU unless `kernels: false`; per-block torch.compile when asked."""
+    """Fused kernels on a CUDA GPU unless `kernels: false`; the attention backend `attn_implementation`
+    names; per-block torch.compile when asked."""
     try:
-        from ..models.fused import compile_blocks, set_fused
+        from ..models.fused import compile_blocks, set_attention, set_fused
     except ImportError:
         return
     set_fused(model, cfg.kernels)  # fused paths run on CUDA tensors; elsewhere the references run either way
+    set_attention(model, cfg.attn_implementation)
     if cfg.torch_compile:
         compile_blocks(model)
 
