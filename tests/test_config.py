@@ -131,13 +131,3 @@ def test_offload_save_mlp_takes_a_count_or_auto():
     for bad in (-1, "all"):
         probs = problems_of({"offload_save_mlp": bad})
         assert any("offload_save_mlp" in p for p in probs), probs
-
-
-def test_dora_is_refused_by_name():
-    """peft_use_dora was accepted and trained plain LoRA: now it is an error that names the key."""
-    from tunery.config import load_config
-
-    base = {"base_model": "x", "adapter": "lora", "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
-    assert load_config(base).peft_use_dora is False
-    with pytest.raises(Exception, match="peft_use_dora"):
-        load_config({**base, "peft_use_dora": True})

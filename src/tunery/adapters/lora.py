@@ -18,9 +18,15 @@ class LoRALinear(nn.Module):
     `weight` is the frozen base (a Parameter, or a quantized storage object with `.dequantize()` for
     QLoRA); `lora_A` [r, in] and `lora_B` [out, r] train. `enabled=False` gives the base model back
     (the DPO/KTO reference without a second copy).
+
+    `use_dora` (DoRA, peft's `use_dora`): a trained magnitude per output row, `lora_magnitude` [out],
+    rescales the adapted weight: y = m / ||W + s B A||_row * (x W^T + s x A^T B^T) + b, the norm held
+    constant in backward (the paper's section 4.3, as peft does). It starts at ||W||_row, so an
+    untrained layer is the base. These layers take the plain path (no fused kernels).
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 use_dora: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -38,12 +44,29 @@ class LoRALinear(nn.Module):
         self.dropout_p = dropout
         self.enabled = True
         self.fused = False
+        self.use_dora = use_dora
+        if use_dora:
+            self.lora_magnitude = nn.Parameter(torch.ones(self.out_features, device=dev, dtype=dtype))
+            if base.weight.device.type != "meta":
+                self.reset_magnitude()
+
+    def _adapted_weight(self) -> torch.Tensor:
+        """W + s B A in fp32 (DoRA's norm and merge)."""
+        return self.base_weight().float() + self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA: m = ||W + s B A||_row, so the layer computes what it does without DoRA (at injection, and
+        again once the base is quantized: the norm must be the quantized weight's)."""
+        self.lora_magnitude.copy_(torch.linalg.norm(self._adapted_weight(), dim=1).to(self.lora_magnitude.dtype))
 
     def base_weight(self) -> torch.Tensor:
         w = self.weight
         return w.dequantize() if hasattr(w, "dequantize") and not isinstance(w, torch.Tensor) else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_dora and self.enabled:
+            return self._dora(x)
         w = self.weight
         # quantized storage (quant/) runs its own frozen linear that never keeps the dequantized W
         out = F.linear(x, w, self.bias) if isinstance(w, torch.Tensor) else w.linear(x, self.bias)
@@ -59,11 +82,26 @@ class LoRALinear(nn.Module):
             h = h.to(a.dtype)
         return out + F.linear(F.linear(h, a), b).to(out.dtype) * self.scale
 
+    def _dora(self, x: torch.Tensor) -> torch.Tensor:
+        """peft's DoRA forward: base + (m / n - 1) * base' + m / n * s * lora, base' the dropped input's."""
+        w = self.base_weight().to(x.dtype)
+        out = F.linear(x, w, self.bias)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        with torch.no_grad():  # ||W + s B A||_row: a constant in backward
+            norm = torch.linalg.norm(w + self.scale * (b @ a), dim=1)
+        mag = (self.lora_magnitude.to(x.dtype) / norm).view(*([1] * (x.dim() - 1)), -1)
+        dropped = self.dropout_p and self.training
+        h = F.dropout(x, self.dropout_p, True) if dropped else x
+        base = F.linear(h, w) if dropped else (out - self.bias if self.bias is not None else out)
+        return out + (mag - 1) * base + mag * F.linear(F.linear(h, a), b) * self.scale
+
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         w = self.base_weight()
-        return (w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(
-            w.dtype if w.dtype.is_floating_point else torch.float32)
+        merged = self._adapted_weight()
+        if self.use_dora:
+            merged = (self.lora_magnitude.float() / torch.linalg.norm(merged, dim=1))[:, None] * merged
+        return merged.to(w.dtype if w.dtype.is_floating_point else torch.float32)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
@@ -86,8 +124,9 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 
 def inject_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float = 0.0,
-                rslora: bool = False, modules_to_save: list[str] | None = None) -> list[str]:
-    """Freeze the model, swap matching nn.Linear layers inside decoder blocks for LoRALinear.
+                rslora: bool = False, modules_to_save: list[str] | None = None, use_dora: bool = False) -> list[str]:
+    """Freeze the model, swap matching nn.Linear layers inside decoder blocks for LoRALinear (DoRA with
+    `use_dora`).
 
     Returns the adapted module paths. `modules_to_save` (e.g. lm_head) stay fully trainable.
     """
@@ -99,7 +138,7 @@ def inject_lora(model: nn.Module, targets: list[str], r: int, alpha: float, drop
         if linear and ".layers." in f".{name}" and _matches(name, targets):
             parent_name, leaf = name.rsplit(".", 1)
             parent = model.get_submodule(parent_name)
-            setattr(parent, leaf, LoRALinear(module, r, alpha, dropout, rslora))
+            setattr(parent, leaf, LoRALinear(module, r, alpha, dropout, rslora, use_dora))
             replaced.append(name)
     if not replaced:
         raise ValueError(f"lora_target_modules {targets} matched no linear layer of the model")
@@ -131,6 +170,15 @@ def untie_if_shared(model: nn.Module, name: str) -> None:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def reset_dora_magnitudes(model: nn.Module) -> int:
+    """Every DoRA layer's magnitude set to its current ||W + s B A||_row (after quantizing the base).
+    Returns how many layers."""
+    layers = [m for m in lora_layers(model).values() if m.use_dora]
+    for m in layers:
+        m.reset_magnitude()
+    return len(layers)
 
 
 class adapters_disabled:

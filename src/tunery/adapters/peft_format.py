@@ -23,6 +23,8 @@ def adapter_state(model: nn.Module, modules_to_save: list[str] | None = None) ->
     for name, m in lora_layers(model).items():
         state[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
         state[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+        if m.use_dora:
+            state[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude.detach().contiguous()
     for target in modules_to_save or []:
         for mname, module in model.named_modules():
             if mname == target or mname.endswith("." + target):
@@ -46,7 +48,7 @@ def adapter_config(model: nn.Module, base_model_path: str, modules_to_save: list
         "target_modules": targets,
         "bias": "none",
         "use_rslora": rslora,
-        "use_dora": False,
+        "use_dora": bool(any_layer.use_dora),
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -83,7 +85,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
         targets = [targets]
     if not lora_layers(model):
         inject_lora(model, list(targets), int(cfg["r"]), float(cfg["lora_alpha"]), 0.0, bool(cfg.get("use_rslora")),
-                    cfg.get("modules_to_save"))
+                    cfg.get("modules_to_save"), use_dora=bool(cfg.get("use_dora")))
     state = load_file(str(d / "adapter_model.safetensors"))
     layers = lora_layers(model)
     for name in cfg.get("modules_to_save") or []:
@@ -91,10 +93,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, value in state.items():
         name = key.removeprefix(PREFIX)
-        for tag in (".lora_A.weight", ".lora_B.weight"):
+        for tag in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".lora_magnitude_vector.weight"):
             if name.endswith(tag):
                 mod = layers[name[: -len(tag)].replace(".default", "")]
-                target: torch.Tensor = mod.lora_A if "lora_A" in tag else mod.lora_B
+                if "magnitude" in tag and not mod.use_dora:
+                    raise KeyError(f"{d}: {key} is a DoRA magnitude, but adapter_config.json has no use_dora: true")
+                target: torch.Tensor = (mod.lora_A if "lora_A" in tag else mod.lora_B if "lora_B" in tag
+                                        else mod.lora_magnitude)
                 break
         else:
             name = name.replace(".modules_to_save.default", "").replace(".modules_to_save", "")

@@ -18,5 +18,7 @@ class AdapterSection(Section):
     lora_target_linear: bool = Field(False, description="Adapt every linear layer of the decoder blocks.")
     lora_modules_to_save: list[str] | None = Field(None, description="Modules trained fully and saved with the adapter, e.g. [lm_head, embed_tokens].")
     peft_use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
-    peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): not supported yet; true is refused.")
+    peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA, peft's use_dora): a trained "
+                                "magnitude per output row; saved in peft's format. Runs the plain PyTorch path "
+                                "(no fused LoRA kernels), so it is slower than LoRA.")
     lora_model_dir: str | None = Field(None, description="Start from an existing PEFT adapter folder.")

@@ -48,9 +48,6 @@ class Config(
             problems.append("chat_template: jinja needs chat_template_jinja")
         if self.rl == "grpo" and self.grpo.reward_weights is not None and len(self.grpo.reward_weights) != len(self.grpo.reward_funcs):
             problems.append("grpo.reward_weights must have one weight per reward_funcs entry")
-        if self.peft_use_dora:
-            problems.append("peft_use_dora: DoRA is not supported yet (it would train plain LoRA); remove the key "
-                            "or set it false")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -101,13 +101,18 @@ class Trainer:
                 load_adapter(model, cfg.lora_model_dir)
             else:
                 inject_lora(model, target_names(cfg.lora_target_modules, cfg.lora_target_linear), cfg.lora_r,
-                            cfg.lora_alpha, cfg.lora_dropout, cfg.peft_use_rslora, cfg.lora_modules_to_save)
+                            cfg.lora_alpha, cfg.lora_dropout, cfg.peft_use_rslora, cfg.lora_modules_to_save,
+                            use_dora=cfg.peft_use_dora)
             for _, p in trainable_parameters(model):
                 p.data = p.data.float()  # adapter weights train in fp32; autocast handles the matmuls
             if cfg.load_in_4bit:
                 from ..quant import quantize_model
 
                 quantize_model(model, compute_dtype=base_dtype, double_quant=cfg.bnb_4bit_use_double_quant)
+                if cfg.peft_use_dora and not cfg.lora_model_dir:  # the norm DoRA divides by is the 4-bit weight's
+                    from ..adapters import reset_dora_magnitudes
+
+                    reset_dora_magnitudes(model)
                 if self.device.type == "cuda":
                     from ..quant import offload_embedding
 

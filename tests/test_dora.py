@@ -1,0 +1,139 @@
+"""DoRA (`peft_use_dora`): the same forward, gradients, saved format and merge as peft's DoRA; an
+untrained DoRA layer is the base, on a quantized base too."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunery.adapters import (
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    reset_dora_magnitudes,
+    save_adapter,
+)
+from tunery.models import load_model
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+
+
+def _peft_dora(tiny_llama, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, use_dora=True))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # B is zero at init and the magnitude is ||W||: move all three
+        for name, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * (0.05 if "magnitude" not in name else 0.01))
+    return pm
+
+
+def _loss(logits, ids):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def test_dora_matches_peft_forward_gradients_and_format(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pm = _peft_dora(tiny_llama)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    lm = load_model(str(tiny_llama))
+    cfg = load_adapter(lm.model, tmp_path / "peft")
+    assert cfg["use_dora"] and all(m.use_dora for m in lora_layers(lm.model).values())
+    ids = torch.randint(0, 1000, (2, 17), generator=torch.Generator().manual_seed(1))
+    pm.train()
+    lm.model.train()
+    theirs = pm(ids).logits
+    ours = lm.model.logits(lm.model(ids))
+    assert (ours - theirs).abs().max() < 1e-4
+    _loss(theirs, ids).backward()
+    _loss(ours, ids).backward()
+    peft_grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    for name, m in lora_layers(lm.model).items():
+        for ours_p, tag in ((m.lora_A, "lora_A.default.weight"), (m.lora_B, "lora_B.default.weight"),
+                            (m.lora_magnitude, "lora_magnitude_vector.default.weight")):
+            ref = peft_grads[f"base_model.model.{name}.{tag}"]
+            assert (ours_p.grad - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max().item()), (name, tag)
+    # Tunery's saved adapter: peft reads it (use_dora, the magnitudes) and gets the same logits
+    out = save_adapter(lm.model, tmp_path / "ours", str(tiny_llama))
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    back = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32),
+                                     str(out)).eval()
+    lm.model.eval()
+    with torch.no_grad():
+        ref = lm.model.logits(lm.model(ids))
+        assert (back(ids).logits - ref).abs().max() < 1e-4
+        # merged: one plain weight per layer, the same function
+        merged = merge_lora(lm.model)
+        assert not lora_layers(merged)
+        assert (merged.logits(merged(ids)) - ref).abs().max() < 1e-4
+
+
+def test_untrained_dora_is_the_base_also_on_a_4bit_base(tiny_llama):
+    """At injection m = ||W||_row: the layer is the base. After quantizing the base, the trainer sets m
+    from the 4-bit weight again; without that the start would be off by the quantization error."""
+    from tunery.quant import quantize_model
+
+    ids = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(2))
+    base = load_model(str(tiny_llama)).model.eval()
+    with torch.no_grad():
+        ref = base.logits(base(ids))
+    lm = load_model(str(tiny_llama))
+    inject_lora(lm.model, TARGETS, r=4, alpha=8, use_dora=True)
+    lm.model.eval()
+    with torch.no_grad():
+        assert (lm.model.logits(lm.model(ids)) - ref).abs().max() < 1e-5
+    quantize_model(lm.model)
+    plain = load_model(str(tiny_llama))
+    inject_lora(plain.model, TARGETS, r=4, alpha=8)
+    quantize_model(plain.model)
+    plain.model.eval()
+    with torch.no_grad():
+        q_ref = plain.model.logits(plain.model(ids))  # the 4-bit base (LoRA B = 0)
+        stale = (lm.model.logits(lm.model(ids)) - q_ref).abs().max()
+        assert reset_dora_magnitudes(lm.model) == len(TARGETS) * len(lm.model.model.layers)
+        assert (lm.model.logits(lm.model(ids)) - q_ref).abs().max() < 1e-5 < stale
+
+
+def test_train_with_dora(tiny_llama, gsm8k_small, tmp_path):
+    """`peft_use_dora: true` through `tunery train` (QLoRA): the magnitudes train and are saved."""
+    from safetensors.torch import load_file
+
+    from tunery.train.loop import train
+
+    cfg = {"base_model": str(tiny_llama), "adapter": "qlora", "load_in_4bit": True, "peft_use_dora": True,
+           "lora_r": 4, "lora_target_linear": True,
+           "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
+                         "field_output": "answer"}],
+           "sequence_len": 256, "micro_batch_size": 2, "max_steps": 3, "learning_rate": 1e-2,
+           "output_dir": str(tmp_path / "run"), "progress_bar": False,
+           "dataset_prepared_path": str(tmp_path / "prepared")}
+    run = train(cfg)
+    state = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    mags = [k for k in state if k.endswith("lora_magnitude_vector")]
+    assert len(mags) == 7 * 2 and json.loads((run / "adapter" / "adapter_config.json").read_text())["use_dora"]
+    lm = load_model(str(tiny_llama))
+    inject_lora(lm.model, ["q_proj"], r=4, alpha=8, use_dora=True)
+    first = lora_layers(lm.model)["model.layers.0.self_attn.q_proj"].lora_magnitude
+    moved = state["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
+    assert moved.shape == first.shape and not torch.allclose(moved, first, atol=1e-4)  # it trained
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dora_eval_ignores_dropout(tiny_llama, p):
+    lm = load_model(str(tiny_llama))
+    inject_lora(lm.model, ["q_proj"], r=4, alpha=8, dropout=p, use_dora=True)
+    ids = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(4))
+    lm.model.eval()
+    with torch.no_grad():
+        a = lm.model.logits(lm.model(ids))
+        b = lm.model.logits(lm.model(ids))
+    assert torch.equal(a, b)
