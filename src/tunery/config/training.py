@@ -41,7 +41,7 @@ class TrainingSection(Section):
     offload_save_mlp: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="With offload_strategy activations: how many offloaded blocks also send the MLP's "
         "gate/up to CPU memory instead of recomputing them in backward (less compute, more PCIe traffic); auto "
-        "measures the copy time the second forward leaves unused on the GPU and fills it.")
+        "measures the copy time two forwards leave unused on the GPU and fills the shorter one's.")
     offload_save_mlp_kept: int = Field(1, ge=0, description="With offload_strategy activations and "
         "offload_keep_on_gpu: the last N kept blocks keep the MLP's gate/up on the GPU instead of recomputing "
         "them in backward (2 x intermediate x tokens x 2 bytes each; the very last block's cost nothing at "

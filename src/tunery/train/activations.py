@@ -484,7 +484,7 @@ class OffloadCheckpoint:
         self.keep_on_gpu = keep_on_gpu
         # strategy "activations": the blocks (indices) whose fused MLP keeps gate/up for backward (on the
         # GPU for a kept block, in host memory with the rest otherwise); every other block recomputes
-        # them. "auto": picked from the second forward's timings (_calibrate), none until then.
+        # them. "auto": picked from the shorter of two timed forwards (_calibrate), none until then.
         self.auto = save_mlp == "auto"
         self.save_kept = save_kept  # the last N kept blocks keep gate/up on the GPU (with "auto" too)
         kept = save_mlp_layers(num_layers, keep_on_gpu, save_kept) if num_layers else []
@@ -773,7 +773,7 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     whose fused MLP keeps gate/up instead of recomputing them in backward (2 x intermediate/hidden units
     each, on the GPU for a kept block, through host memory otherwise), a count of offloaded blocks
     (`save_mlp_layers` spreads them), or "auto": as many offloaded blocks as the copy time left over in
-    the second forward carries (CUDA). `save_mlp_kept`: the last N of the kept blocks keep gate/up too
+    the shorter of two timed forwards carries (CUDA). `save_mlp_kept`: the last N of the kept blocks keep gate/up too
     (GPU memory; the planner's `best_save_kept` says how many fit).
     Returns the installed checkpoint function (an OffloadCheckpoint for "offload").
     """
