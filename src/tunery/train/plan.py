@@ -15,7 +15,9 @@ u = N x H x 2 (one bf16 hidden-state tensor); a = q_dim / H, g = kv_dim / H, r =
   adapters     LoRA params r x (in + out) per adapted linear, fp32 weights + fp32 grads (8 B/param);
                modules_to_save (and every param in full fine-tuning) count here too.
   optimizer    AdamW: two fp32 states per trained param (8 B/param).
-  activations  the peak is the larger of two moments:
+  activations  (DoRA adds 2 x out / H units to S per adapted linear, and on a 4-bit base its dequantized
+               weight)
+               the peak is the larger of two moments:
                backward of one block: kept inputs of the other blocks (checkpointing off: their
                saved tensors S = (2 + 2a + 2g) u + 2r u for gate/up unless recomputed or chunked;
                on: u each; offload: keep_on_gpu x u, or S each with strategy "activations", + 2r u
@@ -124,6 +126,7 @@ class Setup:
     mlp_save_offloaded: int | str = 0   # "activations": offloaded blocks whose MLP keeps gate/up (host memory);
                                         # "auto" (picked at run time): the GPU terms of one, host as for none
     ce_chunk: int | None = None         # rows per loss chunk (None: the kernel's own choice)
+    dora: bool = False                  # DoRA adapters (peft_use_dora): more saved activations per layer
 
     @property
     def tokens(self) -> int:
@@ -173,6 +176,12 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
     r = I / H
     frac = min(1.0, s.mlp_chunk / N) if s.mlp_chunk else 1.0
     x_stack = 2 + 2 * a + 2 * g                       # x, q, k, v, attention output, MLP input
+    if s.adapter and s.dora:  # each DoRA layer also keeps its base and adapter outputs ([N, out] each) and,
+        # on a 4-bit base, the dequantized weight (adapters/lora.py LoRALinear._dora)
+        adapted = [dims[n] for n in s.targets if n in dims]
+        x_stack += 2 * sum(o for _, o in adapted) / H
+        if s.adapter == "qlora":
+            x_stack += sum(i * o for i, o in adapted) * s.act_bytes / u
     gate_up = 0.0 if (s.mlp_recompute or s.mlp_chunk) else 2 * r
     block_saved = x_stack + gate_up
     act_offload = s.checkpointing == "offload" and s.offload_strategy == "activations"
@@ -408,7 +417,8 @@ def setup_from_config(cfg: Any, hidden: int | None = None, **overrides: Any) -> 
               mlp_chunk=8192 if cfg.gradient_checkpointing else None,  # activations.py's "auto"
               keep_on_gpu=getattr(cfg, "offload_keep_on_gpu", 0),
               mlp_save_offloaded=getattr(cfg, "offload_save_mlp", 0),
-              mlp_save_kept=getattr(cfg, "offload_save_mlp_kept", 0))
+              mlp_save_kept=getattr(cfg, "offload_save_mlp_kept", 0),
+              dora=bool(getattr(cfg, "peft_use_dora", False)))
     strategy = getattr(cfg, "offload_strategy", "inputs")
     if strategy == "auto":  # OffloadCheckpoint.pick, less its host-memory check (unknown here)
         big = (hidden or 0) >= 3072 and kw["seq_len"] * kw["micro_batch"] <= 32768
