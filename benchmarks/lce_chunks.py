@@ -3,9 +3,9 @@
     python benchmarks/lce_chunks.py        # H200
 
 The kernel picks ~128 MiB of bf16 logits per chunk (512 rows at vocab 128,256). Each setting runs the
-loss with its gradient (computed inside the forward) 10 times after 2 warm-ups, timed with CUDA
-events; extra memory is the allocator peak above the inputs. Session 7: 13.2, 13.1, 13.0 and 13.0 ms
-at 512, 1024, 2048 and 4096 rows (314 to 1,035 MiB): the chunk size is not a lever.
+loss with its gradient (computed inside the forward) 10 times after a warm-up, timed with CUDA
+events (dequant.py's timer); extra memory is the allocator peak above the inputs. Session 7: 13.2,
+13.1, 13.0 and 13.0 ms at 512, 1024, 2048 and 4096 rows (314 to 1,035 MiB): the chunk size is not a lever.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dequant import timed  # noqa: E402
 
 from tunery.kernels.cross_entropy import linear_cross_entropy  # noqa: E402
 
@@ -36,15 +38,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(2):
-            linear_cross_entropy(h, w, y, chunk_size=rows)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            linear_cross_entropy(h, w, y, chunk_size=rows)
-        end.record()
-        torch.cuda.synchronize()
-        res[rows] = {"ms": round(start.elapsed_time(end) / 10, 3),
+        ms = 1e3 * timed(lambda rows=rows: linear_cross_entropy(h, w, y, chunk_size=rows), 10, True)
+        res[rows] = {"ms": round(ms, 3),
                      "extra_mib": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)}
         print(f"{rows:5d} rows per chunk: {res[rows]['ms']:.2f} ms, +{res[rows]['extra_mib']:.0f} MiB", flush=True)
     if os.environ.get("OUT"):

@@ -50,9 +50,10 @@ class LoRALinear(nn.Module):
             if base.weight.device.type != "meta":
                 self.reset_magnitude()
 
-    def _adapted_weight(self) -> torch.Tensor:
-        """W + s B A in fp32 (DoRA's norm and merge)."""
-        return self.base_weight().float() + self.scale * (self.lora_B.float() @ self.lora_A.float())
+    def _adapted_weight(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """W + s B A in fp32 (DoRA's norm and merge); `w`: the base weight when the caller has it."""
+        w = self.base_weight() if w is None else w
+        return w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())
 
     @torch.no_grad()
     def reset_magnitude(self) -> None:
@@ -98,7 +99,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         w = self.base_weight()
-        merged = self._adapted_weight()
+        merged = self._adapted_weight(w)  # one dequantization of a 4-bit base, not two
         if self.use_dora:
             merged = (self.lora_magnitude.float() / torch.linalg.norm(merged, dim=1))[:, None] * merged
         return merged.to(w.dtype if w.dtype.is_floating_point else torch.float32)

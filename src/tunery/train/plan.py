@@ -204,9 +204,9 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
     elif s.checkpointing is True:
         kept_bwd, kept_fwd = (L - 1) * u, L * u
     elif act_offload:  # every saved tensor of a block goes to host memory; kept blocks keep theirs
-        kept_bwd = (keep * block_saved + save_kept * gu_saved) * u
-        # copies still in flight at the end of forward (the last offloaded block keeps gate/up when any does)
-        kept_fwd = kept_bwd + (block_saved + (gu_saved if save_off else 0)) * u
+        # at the loss: the kept blocks, and the copies still in flight at the end of forward (the last
+        # offloaded block keeps gate/up when any does)
+        kept_fwd = (keep * block_saved + save_kept * gu_saved + block_saved + (gu_saved if save_off else 0)) * u
         # backward, the largest of three moments (the kept blocks that keep gate/up are the last ones; a
         # block's own gate/up are the ones its MLP backward works on, counted in `work`):
         lead = min(keep, PREFETCH_LEAD)
@@ -217,7 +217,7 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
                            + (pre if keep <= PREFETCH_LEAD else 0.0))
             alive_saved = max(0, save_kept - (keep - lead))  # the kept block whose backward starts the copy back
             moments.append(work + (lead - 1) * block_saved + max(0, alive_saved - 1) * gu_saved + pre)
-        block_bwd, kept_bwd = max(moments) * u, 0.0
+        block_bwd, kept_bwd = max(moments) * u, 0.0  # the moments count the kept blocks themselves
     else:
         kept_bwd = kept_fwd = keep * u
     host = 0
