@@ -320,7 +320,7 @@ def test_trainer_passes_the_offload_settings(tiny_llama, gsm8k_small, tmp_path, 
            "dataset_prepared_path": str(tmp_path / "prepared")}
     run = train(cfg)
     assert seen == [("offload", {"offload": "activations", "keep_on_gpu": 1, "save_mlp": "auto",
-                                 "save_mlp_kept": 1})]
+                                 "save_mlp_kept": 1, "stream_weights": 0})]
     assert frozen == [1, 0]
     steps = [r for r in map(_json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]

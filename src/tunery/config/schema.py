@@ -48,6 +48,15 @@ class Config(
             problems.append("chat_template: jinja needs chat_template_jinja")
         if self.rl == "grpo" and self.grpo.reward_weights is not None and len(self.grpo.reward_weights) != len(self.grpo.reward_funcs):
             problems.append("grpo.reward_weights must have one weight per reward_funcs entry")
+        if self.offload_weights:
+            if self.gradient_checkpointing != "offload" or not self.load_in_4bit:
+                problems.append("offload_weights streams the frozen 4-bit weights with the offloaded activations: "
+                                "it needs load_in_4bit: true and gradient_checkpointing: offload")
+            if self.rl == "grpo":
+                problems.append("offload_weights copies each block's weights in at every forward: not with rl: grpo "
+                                "(its rollouts run token by token)")
+            if self.fsdp:
+                problems.append("offload_weights is for one GPU; FSDP already shards the weights (fsdp is set)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

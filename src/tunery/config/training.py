@@ -46,6 +46,10 @@ class TrainingSection(Section):
         "offload_keep_on_gpu: the last N kept blocks keep the MLP's gate/up on the GPU instead of recomputing "
         "them in backward (2 x intermediate x tokens x 2 bytes each; the very last block's cost nothing at "
         "the backward peak); `tunery plan` says how many fit.")
+    offload_weights: int = Field(0, ge=0, description="With gradient_checkpointing: offload and load_in_4bit: the "
+        "first N offloaded decoder blocks keep their frozen 4-bit weights in CPU memory; each block's are copied "
+        "in (a block ahead) for its forward and its backward only. Frees ~N x the 4-bit size of a block (112 MB "
+        "for an 8B model) for twice that in host-to-device copies per step; `tunery plan` counts it.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
     eval_batch_size: int | None = None
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")

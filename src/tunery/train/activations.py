@@ -28,11 +28,14 @@ import bisect
 import functools
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from .weight_stream import WeightStream
 
 
 # ------------------------------------------------------------------------------- recompute helper
@@ -504,6 +507,7 @@ class OffloadCheckpoint:
         self._last: weakref.ref | None = None
         self._last_group: weakref.ref | None = None
         self.layer_index: dict[int, int] = {}
+        self.weights: WeightStream | None = None  # offload_weights: frozen 4-bit weights streamed (weight_stream.py)
         self._param_ptrs: dict[int, set[int]] = {}
         self.last_strategy: str | None = None
 
@@ -537,6 +541,19 @@ class OffloadCheckpoint:
 
     def __call__(self, layer: nn.Module, x: torch.Tensor, rope: Any, cu_seqlens: torch.Tensor | None,
                  max_seqlen: int | None) -> torch.Tensor:
+        ws = self.weights
+        if ws is None or not torch.is_grad_enabled():
+            return self._call(layer, x, rope, cu_seqlens, max_seqlen)
+        idx = self.layer_index.get(id(layer), 0)
+        ws.simulate = self.simulate
+        if idx == 0:
+            ws.new_forward()
+        y = self._call(layer, x, rope, cu_seqlens, max_seqlen)
+        ws.backward_hook(y, idx)  # the block's weights come back when its backward starts
+        return y
+
+    def _call(self, layer: nn.Module, x: torch.Tensor, rope: Any, cu_seqlens: torch.Tensor | None,
+              max_seqlen: int | None) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return layer(x, rope, cu_seqlens, max_seqlen)
         idx = self.layer_index.get(id(layer), 0)
@@ -760,7 +777,8 @@ def save_mlp_layers(num_layers: int, keep_on_gpu: int, kept: int = 0, offloaded:
 
 def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk: int | str | None = "auto",
                         keep_on_gpu: int = 0, offload: str = "inputs",
-                        save_mlp: Iterable[int] | int | str = (), save_mlp_kept: int = 0) -> Callable | None:
+                        save_mlp: Iterable[int] | int | str = (), save_mlp_kept: int = 0,
+                        stream_weights: int = 0) -> Callable | None:
     """Set gradient checkpointing for `model` (Tunery's decoder, or the transformers fallback).
 
     mode: False/None (off), True (recompute per block), "offload" (recompute, block inputs in CPU
@@ -774,7 +792,9 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     each, on the GPU for a kept block, through host memory otherwise), a count of offloaded blocks
     (`save_mlp_layers` spreads them), or "auto": as many offloaded blocks as the copy time left over in
     the shorter of two timed forwards carries (CUDA). `save_mlp_kept`: the last N of the kept blocks keep gate/up too
-    (GPU memory; the planner's `best_save_kept` says how many fit).
+    (GPU memory; the planner's `best_save_kept` says how many fit). `stream_weights` (offload mode): the
+    first N offloaded blocks keep their frozen 4-bit weights in host memory and copy them in for their
+    forward and backward (train/weight_stream.py).
     Returns the installed checkpoint function (an OffloadCheckpoint for "offload").
     """
     if mode not in (None, False, True, "offload"):
@@ -791,6 +811,12 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
         else:
             hf.gradient_checkpointing_disable()
         return None
+    if stream_weights and mode != "offload":
+        raise ValueError("streaming weights from host memory needs gradient_checkpointing: offload")
+    old = getattr(body, "checkpoint_fn", None)
+    if getattr(old, "weights", None) is not None:  # hooks off, weights back on the GPU before a new setup
+        old.weights.detach()
+        old.weights = None
     set_mlp_chunking(model, mlp_chunk)
     if not mode:
         body.checkpoint_fn = None
@@ -800,6 +826,11 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
         off = OffloadCheckpoint(keep_on_gpu, len(body.layers), strategy=offload, save_mlp=save_mlp,
                                 save_kept=save_mlp_kept)
         off.layer_index = {id(layer): i for i, layer in enumerate(body.layers)}
+        if stream_weights:
+            from .weight_stream import WeightStream, first_blocks
+
+            streamed = first_blocks(len(body.layers), keep_on_gpu, stream_weights)
+            off.weights = WeightStream({i: body.layers[i] for i in streamed}, h2d_stream=lambda: off.h2d_stream)
         body.checkpoint_fn = off
     else:
         body.checkpoint_fn = _plain_checkpoint

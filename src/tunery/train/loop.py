@@ -122,7 +122,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             _apply_checkpointing(model, cfg.gradient_checkpointing, offload=cfg.offload_strategy,
                                  keep_on_gpu=cfg.offload_keep_on_gpu, save_mlp=cfg.offload_save_mlp,
-                                 save_mlp_kept=cfg.offload_save_mlp_kept)
+                                 save_mlp_kept=cfg.offload_save_mlp_kept, stream_weights=cfg.offload_weights)
         self.model = model
         self.train_model = _parallelize(model, cfg, self.world, self.device)
 
@@ -362,6 +362,10 @@ class Trainer:
         ev = self.evaluate()
         if ev:
             logger.log({"step": step, **ev})
+        fn = getattr(getattr(self.model, "model", None), "checkpoint_fn", None)
+        if getattr(fn, "weights", None) is not None:  # offload_weights: every weight back on the GPU for good
+            fn.weights.detach()
+            fn.weights = None
         with dist_ckpt.consolidated(self.model, trainable_only=bool(self.cfg.adapter)) as writer:
             if writer:
                 self.write_final()
@@ -534,14 +538,14 @@ def _configure_kernels(model: nn.Module, cfg: Config) -> None:
 
 
 def _apply_checkpointing(model: nn.Module, mode: bool | str, offload: str = "inputs", keep_on_gpu: int = 0,
-                         save_mlp: int | str = "auto", save_mlp_kept: int = 0) -> None:
+                         save_mlp: int | str = "auto", save_mlp_kept: int = 0, stream_weights: int = 0) -> None:
     try:
         from .activations import apply_checkpointing
     except ImportError:
         apply_checkpointing = None
     if apply_checkpointing is not None:
         apply_checkpointing(model, mode, offload=offload, keep_on_gpu=keep_on_gpu, save_mlp=save_mlp,
-                            save_mlp_kept=save_mlp_kept)
+                            save_mlp_kept=save_mlp_kept, stream_weights=stream_weights)
         return
     from torch.utils.checkpoint import checkpoint
 

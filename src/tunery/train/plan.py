@@ -11,7 +11,8 @@ u = N x H x 2 (one bf16 hidden-state tensor); a = q_dim / H, g = kv_dim / H, r =
 
   weights      decoder-block linears: 16-bit = 2 B/param; NF4 = 0.5 B + absmax (4/64 B, or with
                double quantization 1/64 + 4/(64 x 256) B); embeddings and LM head 16-bit (the input
-               embedding counts 0 when it sits in CPU memory); norms.
+               embedding counts 0 when it sits in CPU memory); norms. offload_weights: the streamed
+               blocks' NF4 bytes count 0 but two blocks' (the one in use and the next one coming).
   adapters     LoRA params r x (in + out) per adapted linear, fp32 weights + fp32 grads (8 B/param);
                modules_to_save (and every param in full fine-tuning) count here too.
   optimizer    AdamW: two fp32 states per trained param (8 B/param).
@@ -127,6 +128,7 @@ class Setup:
                                         # "auto" (picked at run time): the GPU terms of one, host as for none
     ce_chunk: int | None = None         # rows per loss chunk (None: the kernel's own choice)
     dora: bool = False                  # DoRA adapters (peft_use_dora): more saved activations per layer
+    stream_weights: int = 0             # offload mode, QLoRA: blocks whose 4-bit weights stay in CPU memory
 
     @property
     def tokens(self) -> int:
@@ -146,9 +148,14 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
 
     # weights
+    streamed_b = 0.0
     if s.adapter == "qlora":
         scale_b = (1 / 64 + 4 / (64 * 256)) if s.double_quant else 4 / 64
         w_lin = L * lin * (0.5 + scale_b)
+        if s.checkpointing == "offload" and s.stream_weights:  # in CPU memory; two blocks' on the GPU at a time
+            streamed = min(s.stream_weights, L - min(L, s.keep_on_gpu))
+            streamed_b = max(0, streamed - 2) * lin * (0.5 + scale_b)
+            w_lin -= streamed_b
     else:
         w_lin = L * lin * (s.weight_bytes if s.adapter else s.train_bytes)
     wb = s.weight_bytes if s.adapter else s.train_bytes
@@ -156,7 +163,7 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
     head = 0 if shape.tied else V * H * wb
     norms = (2 * L + 1) * H * wb
     out["weights"] = {"bytes": w_lin + embed + head + norms, "linears": w_lin, "embed_tokens": embed,
-                      "lm_head": head, "norms": norms}
+                      "lm_head": head, "norms": norms, "linears_in_cpu_memory": streamed_b}
 
     # adapters / trained params
     dims = shape.linear_dims()
@@ -418,7 +425,8 @@ def setup_from_config(cfg: Any, hidden: int | None = None, **overrides: Any) -> 
               keep_on_gpu=getattr(cfg, "offload_keep_on_gpu", 0),
               mlp_save_offloaded=getattr(cfg, "offload_save_mlp", 0),
               mlp_save_kept=getattr(cfg, "offload_save_mlp_kept", 0),
-              dora=bool(getattr(cfg, "peft_use_dora", False)))
+              dora=bool(getattr(cfg, "peft_use_dora", False)),
+              stream_weights=getattr(cfg, "offload_weights", 0))
     strategy = getattr(cfg, "offload_strategy", "inputs")
     if strategy == "auto":  # OffloadCheckpoint.pick, less its host-memory check (unknown here)
         big = (hidden or 0) >= 3072 and kw["seq_len"] * kw["micro_batch"] <= 32768
@@ -507,7 +515,9 @@ def format_report(r: PlanReport) -> str:
                  f"{ckpt}" + (f"; MLP chunks of {s.mlp_chunk}" if s.mlp_chunk else ""))
     w, a, act = c["weights"], c["adapters"], c["activations"]
     detail = {
-        "weights": f"linears {_gib(w['linears'])}, embed_tokens {_gib(w['embed_tokens'])}"
+        "weights": f"linears {_gib(w['linears'])}"
+                   + (f" (+{_gib(w['linears_in_cpu_memory'])} in CPU memory, offload_weights)"
+                      if w["linears_in_cpu_memory"] else "") + f", embed_tokens {_gib(w['embed_tokens'])}"
                    + (" (in CPU memory)" if s.embed_on_cpu else "") + f", lm_head {_gib(w['lm_head'])}",
         "adapters": f"{a['params'] / 1e6:.1f}M trained params" + (", weights + grads" if act["peak_phase"] == "backward"
                                                                     else " (no grads yet at the loss)"),

@@ -1,0 +1,195 @@
+"""Frozen quantized weights streamed from host memory, block by block (gradient checkpointing "offload").
+
+`WeightStream` takes the frozen 4-bit weights (quant.NF4Weight buffers) of chosen decoder blocks to
+pinned host memory. A block's weights come back to the GPU for its forward and for its backward only,
+copied on the offload's copy-back stream one block ahead, and go again when the block is done: the
+GPU holds at most two streamed blocks' weights at a time.
+
+Why: the NF4 weights of an 8B model (3.35 GiB) sit on the GPU through the whole step, while a block
+uses its own 112 MB for a few milliseconds of forward and of backward. With activation offload the
+host-to-device direction of PCIe is idle in the forward and partly idle in the backward, so the
+copies are close to free, and the memory they free keeps more activations on the GPU (or gate/up,
+which saves their recompute). Each streamed block costs twice its weights in host-to-device traffic
+per step.
+
+Hooks on each streamed block call `enter(idx)` before its forward and `exit(idx)` after it (any
+forward: training, evaluation); the checkpoint function (train/activations.py) adds `backward_hook(y,
+idx)` on each block's output, which runs when that output's gradient is complete: block idx's backward
+starts and block idx + 1's has ended. In backward, a block that is recomputed (offload strategy
+"inputs") keeps its weights through its recompute and backward. `detach()` removes the hooks and
+brings every weight back to the GPU for good (end of training: merging and export read them).
+
+Not for generation: every forward of a streamed block copies its weights in (the trainer refuses it
+with GRPO, whose rollouts run token by token).
+
+`simulate=True` (tests on CPU) keeps "host" tensors and "GPU" clones on the CPU, with no streams.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+
+def quantized_buffers(layer: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, buffer name) of every frozen quantized weight in `layer` (duck-typed on quant.NF4Weight:
+    a module with `is_quantized` and `dequantize`)."""
+    out = []
+    for m in layer.modules():
+        if getattr(m, "is_quantized", False) and hasattr(m, "dequantize"):
+            out.extend((m, name) for name, b in m.named_buffers(recurse=False) if b is not None)
+    return out
+
+
+class WeightStream:
+    """See the module docstring. `blocks`: index -> decoder block whose quantized weights stream."""
+
+    def __init__(self, blocks: dict[int, nn.Module], h2d_stream=None, simulate: bool = False):
+        self.simulate = simulate
+        self.backward_mode = False  # set by the backward hooks, cleared by the next training forward
+        self._h2d = h2d_stream  # a callable giving the copy-back stream (shared with the activation offload)
+        self.items: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}  # idx -> (module, name, host copy)
+        self.device: torch.device | None = None
+        self.resident: dict[int, list[torch.Tensor]] = {}  # idx -> device copies, in item order
+        self.events: dict[int, torch.cuda.Event] = {}  # idx -> copy-back done
+        self.blocks = {i: weakref.ref(b) for i, b in blocks.items()}
+        self.host_bytes = 0
+        self.handles = []
+        for i, b in blocks.items():
+            self.handles.append(b.register_forward_pre_hook(lambda mod, args, i=i: self.enter(i)))
+            self.handles.append(b.register_forward_hook(lambda mod, args, out, i=i: self.exit(i)))
+
+    # -- setup and teardown ------------------------------------------------------------------------
+    def _take(self, idx: int) -> None:
+        """First use of block idx: its quantized buffers move to (pinned) host memory."""
+        if idx in self.items:
+            return
+        block = self.blocks[idx]()
+        items = []
+        for m, name in quantized_buffers(block) if block is not None else []:
+            t = getattr(m, name)
+            if self.device is None:
+                self.device = t.device
+            if self.simulate:
+                host = t.clone()
+            else:
+                if not t.is_cuda:
+                    continue
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t)
+            setattr(m, name, host)
+            self.host_bytes += host.numel() * host.element_size()
+            items.append((m, name, host))
+        self.items[idx] = items
+
+    def detach(self) -> None:
+        """Hooks off; every streamed weight back on the GPU for good."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for idx in list(self.items):
+            self.load(idx)
+            self.resident.pop(idx, None)
+        self.items.clear()
+        self.events.clear()
+        self.blocks.clear()
+        self.host_bytes = 0
+
+    # -- copies ------------------------------------------------------------------------------------
+    def prefetch(self, idx: int) -> None:
+        """Start copying block idx's weights to the GPU (no-op if not streamed or already there)."""
+        if idx not in self.blocks:
+            return
+        self._take(idx)
+        if idx in self.resident or not self.items[idx]:
+            return
+        if self.simulate:
+            self.resident[idx] = [h.clone() for _, _, h in self.items[idx]]
+            return
+        stream = self._h2d()
+        with torch.cuda.stream(stream):
+            self.resident[idx] = [torch.empty(h.shape, dtype=h.dtype, device=self.device).copy_(h, non_blocking=True)
+                                  for _, _, h in self.items[idx]]
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        self.events[idx] = ev
+
+    def load(self, idx: int) -> None:
+        """Block idx's weights on the GPU, in its modules, ready for kernels on the current stream."""
+        if idx not in self.blocks:
+            return
+        self.prefetch(idx)
+        gpu = self.resident.get(idx)
+        if gpu is None:
+            return
+        ev = self.events.pop(idx, None)
+        if ev is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(ev)
+            for t in gpu:
+                t.record_stream(main)  # made on the copy stream: not reused before main's kernels ran
+        for (m, name, _), t in zip(self.items[idx], gpu):
+            setattr(m, name, t)
+
+    def release(self, idx: int) -> None:
+        """Block idx's modules point at the host copies again; the device copies go back to the allocator
+        once the kernels already queued on them have run (record_stream in load)."""
+        gpu = self.resident.pop(idx, None)
+        if gpu is None:
+            return
+        self.events.pop(idx, None)
+        for m, name, host in self.items[idx]:
+            setattr(m, name, host)
+
+    def release_all(self, keep: Iterable[int] = ()) -> None:
+        for idx in [i for i in self.resident if i not in set(keep)]:
+            self.release(idx)
+
+    # -- the checkpoint function's calls -----------------------------------------------------------
+    def new_forward(self) -> None:
+        """A training forward starts (the checkpoint function, block 0): out of backward mode, and
+        whatever the last backward left goes, but block 0's (it is next)."""
+        self.backward_mode = False
+        self.release_all(keep=(0,))
+
+    def enter(self, idx: int) -> None:
+        """Before block idx's forward: its weights in, the next block's on their way (in backward, a
+        recompute: its weights are in already and stay)."""
+        self.load(idx)
+        if not (self.backward_mode and torch.is_grad_enabled()):
+            self.prefetch(idx + 1)
+
+    def exit(self, idx: int) -> None:
+        """After block idx's forward (in backward, a recompute: its backward follows, nothing goes)."""
+        if not (self.backward_mode and torch.is_grad_enabled()):
+            self.release(idx)
+
+    def backward_hook(self, y: torch.Tensor, idx: int) -> None:
+        """Block idx's backward starts when y's gradient is complete: block idx + 1's weights go, idx's
+        come in, idx - 1's start coming."""
+        if not y.requires_grad or not any(i in self.blocks for i in (idx - 1, idx, idx + 1)):
+            return
+        ref = weakref.ref(self)
+
+        def hook(grad: torch.Tensor) -> None:
+            ws = ref()
+            if ws is not None:
+                ws.backward_mode = True
+                ws.release(idx + 1)
+                ws.load(idx)
+                ws.prefetch(idx - 1)
+
+        y.register_hook(hook)
+
+
+def first_blocks(num_layers: int, keep_on_gpu: int, count: int) -> list[int]:
+    """The blocks whose weights stream: the first `count` of the offloaded ones (their backward comes last,
+    so their weights would sit on the GPU longest)."""
+    n_off = num_layers - min(max(keep_on_gpu, 0), num_layers)
+    return list(range(min(max(count, 0), n_off)))
+
+
+__all__ = ["WeightStream", "first_blocks", "quantized_buffers"]

@@ -1,0 +1,169 @@
+"""Frozen 4-bit weights streamed from host memory (train/weight_stream.py), simulated on CPU: the
+gradients are the plain ones, every dequantization sees the block's weights in place, at most two
+streamed blocks are in at a time, evaluation works, and detach() puts everything back."""
+
+import copy
+
+import pytest
+import torch
+
+from test_offload import HF, _batch, _max_diff, _model
+from tunery.train.activations import apply_checkpointing
+from tunery.train.weight_stream import first_blocks, quantized_buffers
+
+
+def _qmodel():
+    from tunery.quant import quantize_model
+
+    m = _model(dropout=0.0)
+    quantize_model(m)
+    return m
+
+
+def _run(m, spy=None, after_forward=None):
+    ids, pos = _batch()
+    torch.manual_seed(7)
+    h = m(ids, pos)
+    if after_forward is not None:
+        after_forward()
+    if spy is not None:
+        spy.append("backward")
+    ((h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()).backward()
+    return {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}
+
+
+def test_first_blocks_are_the_early_offloaded_ones():
+    assert first_blocks(32, 4, 10) == list(range(10))
+    assert first_blocks(32, 4, 99) == list(range(28))
+    assert first_blocks(3, 0, 0) == []
+
+
+@pytest.mark.parametrize("strategy", ["activations", "inputs"])
+def test_streamed_weights_train_like_resident_ones(monkeypatch, strategy):
+    import tunery.quant.nf4 as nf4
+
+    base = _qmodel()
+    m0 = copy.deepcopy(base)
+    m0.train()
+    g0 = _run(m0)
+    m = copy.deepcopy(base)
+    m.train()
+    n = len(m.model.layers)
+    fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload=strategy, keep_on_gpu=1, stream_weights=2)
+    fn.simulate, fn.min_bytes = True, 1024
+    ws = fn.weights
+    assert sorted(ws.blocks) == [0, 1] and n == HF["num_hidden_layers"]
+    owner = {id(mod): i for i in ws.blocks for mod, _ in quantized_buffers(m.model.layers[i])}
+    events, peak = [], [0]
+    real = nf4.NF4Weight.dequantize
+
+    def dequantize(self, *a, **k):
+        i = owner.get(id(self))
+        if i is not None:  # a streamed block's weight: its buffers are the device copies, not the host ones
+            hosts = {id(h) for mod, _, h in ws.items[i] if mod is self}
+            assert id(self.packed) not in hosts and i in ws.resident, (i, events)
+            events.append(i)
+        peak[0] = max(peak[0], len(ws.resident))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(nf4.NF4Weight, "dequantize", dequantize)
+    between = []
+    g = _run(m, spy=events, after_forward=lambda: between.append(sorted(ws.resident)))
+    assert between == [[]]  # every streamed block's weights left after its forward
+    assert _max_diff(g, g0) < 1e-5
+    fwd, bwd = events[: events.index("backward")], events[events.index("backward") + 1:]
+    assert set(fwd) == {0, 1} and set(bwd) == {0, 1} and bwd.index(1) < bwd.index(0)  # backward runs 1, then 0
+    assert peak[0] <= 2 and sorted(ws.resident) == [0]  # block 0 stays in for the next forward
+    # the module buffers of block 1 point at host copies between uses; its weights took the host bytes
+    assert all(getattr(mod, name) is h for mod, name, h in ws.items[1]) and ws.host_bytes > 0
+    # a second step: same gradients (the stream state carries over)
+    m.zero_grad(set_to_none=True)
+    events.clear()
+    assert _max_diff(_run(m, spy=events), g0) < 1e-5
+
+
+def test_evaluation_and_detach(monkeypatch):
+    base = _qmodel()
+    m = copy.deepcopy(base)
+    m.train()
+    fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations", stream_weights=3)
+    fn.simulate, fn.min_bytes = True, 1024
+    ws = fn.weights
+    _run(m)
+    ids, pos = _batch()
+    m.eval()
+    with torch.no_grad():  # not through the checkpoint function: the blocks' own hooks bring weights in
+        out = m(ids, pos)
+        ref = copy.deepcopy(base).eval()(ids, pos)
+    assert torch.allclose(out, ref, atol=1e-5) and not ws.resident
+    # a new checkpoint setup detaches the old stream: hooks off, the device copies back in the modules
+    apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations")
+    assert not ws.handles and not ws.items and m.model.checkpoint_fn.weights is None
+    with torch.no_grad():
+        assert torch.allclose(m(ids, pos), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="offload"):
+        apply_checkpointing(m, True, stream_weights=2)
+
+
+def test_planner_counts_streamed_weights_in_cpu_memory():
+    """offload_weights: N: N blocks' NF4 bytes leave the GPU estimate but two blocks' (in use, next)."""
+    from dataclasses import replace
+
+    from test_plan import LLAMA_8B
+    from tunery.train.plan import ModelShape, Setup, estimate
+
+    sh = ModelShape.from_hf(LLAMA_8B)
+    s = Setup(seq_len=2048, micro_batch=2, adapter="qlora", double_quant=True, checkpointing="offload",
+              keep_on_gpu=4, embed_on_cpu=True, mlp_recompute=True, offload_strategy="activations")
+    per_block = sh.linear_params() * (0.5 + 1 / 64 + 4 / (64 * 256))
+    w0 = estimate(sh, s)["weights"]
+    w = estimate(sh, replace(s, stream_weights=10))["weights"]
+    assert w0["bytes"] - w["bytes"] == pytest.approx(8 * per_block) == w["linears_in_cpu_memory"]
+    # at most the offloaded blocks (32 - 4 kept), nothing without offload
+    assert estimate(sh, replace(s, stream_weights=99))["weights"]["linears_in_cpu_memory"] == pytest.approx(26 * per_block)
+    assert estimate(sh, replace(s, stream_weights=10, checkpointing=True))["weights"]["bytes"] == \
+        estimate(sh, replace(s, checkpointing=True))["weights"]["bytes"]
+
+
+def test_config_offload_weights_needs_4bit_offload_and_one_gpu(tiny_llama):
+    from tunery.config import load_config
+    from tunery.train.plan import setup_from_config
+
+    base = {"base_model": str(tiny_llama), "adapter": "qlora", "load_in_4bit": True, "gradient_checkpointing": "offload",
+            "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
+    assert setup_from_config(load_config({**base, "offload_weights": 3})).stream_weights == 3
+    for bad in ({"gradient_checkpointing": True}, {"adapter": "lora", "load_in_4bit": False},
+                {"fsdp": ["full_shard", "auto_wrap"]}):
+        with pytest.raises(Exception, match="offload_weights"):
+            load_config({**base, **bad, "offload_weights": 3})
+    assert load_config({**base, "gradient_checkpointing": True}).offload_weights == 0
+
+
+def test_trainer_streams_and_restores(tiny_llama, gsm8k_small, tmp_path, monkeypatch):
+    """`offload_weights` reaches the checkpoint function; at the end the weights are back in place for
+    good (hooks off). On CPU the offload is plain recomputation: nothing streams."""
+    import tunery.train.activations as acts
+    from tunery.train.loop import train
+
+    seen = []
+    orig = acts.apply_checkpointing
+
+    def spy(m, mode, **kw):
+        fn = orig(m, mode, **kw)
+        seen.append((kw.get("stream_weights"), fn))
+        return fn
+
+    monkeypatch.setattr(acts, "apply_checkpointing", spy)
+    cfg = {"base_model": str(tiny_llama), "adapter": "qlora", "load_in_4bit": True, "lora_r": 4,
+           "lora_target_linear": True,
+           "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
+                         "field_output": "answer"}],
+           "sequence_len": 256, "micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3,
+           "gradient_checkpointing": "offload", "offload_weights": 1,
+           "output_dir": str(tmp_path / "run"), "progress_bar": False,
+           "dataset_prepared_path": str(tmp_path / "prepared")}
+    run = train(cfg)
+    assert [s for s, _ in seen] == [1]
+    fn = seen[0][1]
+    assert fn.weights is None  # detached at the end: hooks off, weights back
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
