@@ -72,7 +72,8 @@ def planner_setup(spec: dict):
                  mlp_chunk=spec.get("mlp_chunk"), keep_on_gpu=spec.get("keep_on_gpu", 0),
                  embed_on_cpu=spec.get("embed_on_cpu", True), mlp_recompute=spec.get("mlp_recompute", False),
                  ignored_labels=False, offload_strategy=spec.get("offload", "inputs"),
-                 mlp_save_kept=spec.get("save_kept", 0), mlp_save_offloaded=spec.get("save_off", 0))
+                 mlp_save_kept=spec.get("save_kept", 0), mlp_save_offloaded=spec.get("save_off", 0),
+                 stream_weights=spec.get("stream_weights", 0))
 
 
 def predict(spec: dict) -> float:
@@ -161,7 +162,7 @@ def build_tunery(spec: dict, device: str):
     apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"),
                         keep_on_gpu=spec.get("keep_on_gpu", 0), offload=spec.get("offload", "inputs"),
                         save_mlp="auto" if save_off == "auto" else int(save_off),
-                        save_mlp_kept=spec.get("save_kept", 0))
+                        save_mlp_kept=spec.get("save_kept", 0), stream_weights=spec.get("stream_weights", 0))
     model.train()
     from tunery.kernels import host_copy, with_host_copy
     from tunery.kernels.cross_entropy import linear_cross_entropy

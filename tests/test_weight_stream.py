@@ -167,3 +167,33 @@ def test_trainer_streams_and_restores(tiny_llama, gsm8k_small, tmp_path, monkeyp
     fn = seen[0][1]
     assert fn.weights is None  # detached at the end: hooks off, weights back
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["activations", "inputs"])
+def test_gpu_streamed_weights_match_resident_ones_and_leave_the_gpu(strategy):
+    """CUDA, real copies on the side stream: two steps give the gradients of the same model with every
+    weight resident, and between steps the streamed blocks' 4-bit weights are not on the GPU."""
+    base = _qmodel().cuda()
+    grads, alloc = [], []
+    for stream in (0, 2):
+        m = copy.deepcopy(base)
+        m.train()
+        fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload=strategy, keep_on_gpu=1, stream_weights=stream)
+        fn.min_bytes = 1024
+        for _ in range(2):
+            m.zero_grad(set_to_none=True)
+            ids, pos = (t.cuda() for t in _batch())
+            torch.manual_seed(7)
+            h = m(ids, pos)
+            ((h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()).backward()
+        torch.cuda.synchronize()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad})
+        alloc.append(torch.cuda.memory_allocated())
+        if stream:
+            block1 = sum(getattr(mod, name).numel() * getattr(mod, name).element_size()
+                         for mod, name in quantized_buffers(m.model.layers[1]))
+            assert all(not getattr(mod, name).is_cuda for mod, name in quantized_buffers(m.model.layers[1]))
+            assert fn.weights.host_bytes >= 2 * block1 > 0
+        del m, fn
+    assert _max_diff(grads[1], grads[0]) < 1e-5
