@@ -60,7 +60,7 @@ def test_streamed_weights_train_like_resident_ones(monkeypatch, strategy):
     def dequantize(self, *a, **k):
         i = owner.get(id(self))
         if i is not None:  # a streamed block's weight: its buffers are the device copies, not the host ones
-            hosts = {id(h) for mod, _, h in ws.items[i] if mod is self}
+            hosts = {id(h) for mod, _, h, _ in ws.items[i] if mod is self}
             assert id(self.packed) not in hosts and i in ws.resident, (i, events)
             events.append(i)
         peak[0] = max(peak[0], len(ws.resident))
@@ -75,7 +75,7 @@ def test_streamed_weights_train_like_resident_ones(monkeypatch, strategy):
     assert set(fwd) == {0, 1} and set(bwd) == {0, 1} and bwd.index(1) < bwd.index(0)  # backward runs 1, then 0
     assert peak[0] <= 2 and sorted(ws.resident) == [0]  # block 0 stays in for the next forward
     # the module buffers of block 1 point at host copies between uses; its weights took the host bytes
-    assert all(getattr(mod, name) is h for mod, name, h in ws.items[1]) and ws.host_bytes > 0
+    assert all(getattr(mod, name) is h for mod, name, h, _ in ws.items[1]) and ws.host_bytes > 0
     # a second step: same gradients (the stream state carries over)
     m.zero_grad(set_to_none=True)
     events.clear()
@@ -197,3 +197,39 @@ def test_gpu_streamed_weights_match_resident_ones_and_leave_the_gpu(strategy):
             assert fn.weights.host_bytes >= 2 * block1 > 0
         del m, fn
     assert _max_diff(grads[1], grads[0]) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_streamed_blocks_take_two_slots_of_gpu_memory(monkeypatch):
+    """Five of six blocks streamed: between steps the GPU holds two slots of one block's weights in
+    place of five blocks' (no allocator churn: the slots are made once and the step's memory is flat)."""
+    import test_offload
+
+    monkeypatch.setitem(test_offload.HF, "num_hidden_layers", 6)
+    base = _qmodel().cuda()
+    block = sum(getattr(mod, name).numel() * getattr(mod, name).element_size()
+                for mod, name in quantized_buffers(base.model.layers[0]))
+    alloc, reserved = [], []
+    for stream in (0, 5):
+        m = copy.deepcopy(base)
+        m.train()
+        fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations", keep_on_gpu=1,
+                                 stream_weights=stream)
+        fn.min_bytes = 1024
+        for step in range(3):
+            m.zero_grad(set_to_none=True)
+            ids, pos = (t.cuda() for t in _batch())
+            h = m(ids, pos)
+            ((h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()).backward()
+            torch.cuda.synchronize()
+            if step == 1:
+                r1 = torch.cuda.memory_reserved()
+        m.zero_grad(set_to_none=True)
+        alloc.append(torch.cuda.memory_allocated())
+        reserved.append(torch.cuda.memory_reserved() - r1)  # growth over the third step
+        if stream:
+            assert len(fn.weights.slots) == 2 and fn.weights.slots[0].numel() < block + 64 * 1024
+        del m, fn, h
+    saved = alloc[0] - alloc[1]
+    assert 3 * block - 64 * 1024 <= saved <= 3 * block + 64 * 1024, (saved, block)
+    assert reserved[1] == 0

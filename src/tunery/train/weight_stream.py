@@ -45,16 +45,27 @@ def quantized_buffers(layer: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 class WeightStream:
-    """See the module docstring. `blocks`: index -> decoder block whose quantized weights stream."""
+    """See the module docstring. `blocks`: index -> decoder block whose quantized weights stream.
+
+    On the GPU the streamed weights live in two fixed slots (block idx in slot idx % 2), each as large
+    as the largest streamed block: the footprint is exactly two blocks' weights, and the copies never
+    go through the caching allocator (per-copy allocations on the copy stream, freed from the compute
+    stream, left it holding about twice the step's peak in reserved memory)."""
+
+    SLOTS = 2
+    ALIGN = 256  # bytes: each buffer's offset in a slot (the kernels' vector loads want aligned starts)
 
     def __init__(self, blocks: dict[int, nn.Module], h2d_stream=None, simulate: bool = False):
         self.simulate = simulate
         self.backward_mode = False  # set by the backward hooks, cleared by the next training forward
         self._h2d = h2d_stream  # a callable giving the copy-back stream (shared with the activation offload)
-        self.items: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}  # idx -> (module, name, host copy)
-        self.device: torch.device | None = None
-        self.resident: dict[int, list[torch.Tensor]] = {}  # idx -> device copies, in item order
-        self.events: dict[int, torch.cuda.Event] = {}  # idx -> copy-back done
+        self.items: dict[int, list[tuple[nn.Module, str, torch.Tensor, int]]] = {}  # idx -> (module, name,
+        self.device: torch.device | None = None                                   #   host copy, slot offset)
+        self.resident: dict[int, list[torch.Tensor]] = {}  # idx -> device tensors, in item order
+        self.events: dict[int, torch.cuda.Event] = {}  # idx -> its copy in is done (copy stream)
+        self.slots: list[torch.Tensor] = []  # SLOTS flat uint8 GPU buffers
+        self.slot_owner: list[int | None] = [None] * self.SLOTS
+        self.slot_free: list[torch.cuda.Event | None] = [None] * self.SLOTS  # compute stream done with it
         self.blocks = {i: weakref.ref(b) for i, b in blocks.items()}
         self.host_bytes = 0
         self.handles = []
@@ -63,59 +74,84 @@ class WeightStream:
             self.handles.append(b.register_forward_hook(lambda mod, args, out, i=i: self.exit(i)))
 
     # -- setup and teardown ------------------------------------------------------------------------
-    def _take(self, idx: int) -> None:
-        """First use of block idx: its quantized buffers move to (pinned) host memory."""
-        if idx in self.items:
+    def _take_all(self) -> None:
+        """First use: every streamed block's quantized buffers move to (pinned) host memory, and the two
+        slots are made, each as large as the largest block."""
+        if self.items:
             return
-        block = self.blocks[idx]()
-        items = []
-        for m, name in quantized_buffers(block) if block is not None else []:
-            t = getattr(m, name)
-            if self.device is None:
-                self.device = t.device
-            if self.simulate:
-                host = t.clone()
-            else:
-                if not t.is_cuda:
+        need = 0
+        for idx, ref in self.blocks.items():
+            block = ref()
+            items, off = [], 0
+            for m, name in quantized_buffers(block) if block is not None else []:
+                t = getattr(m, name)
+                if not (t.is_cuda or self.simulate):
                     continue
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                host.copy_(t)
-            setattr(m, name, host)
-            self.host_bytes += host.numel() * host.element_size()
-            items.append((m, name, host))
-        self.items[idx] = items
+                if self.device is None:
+                    self.device = t.device
+                host = t.clone() if self.simulate else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                if not self.simulate:
+                    host.copy_(t)
+                setattr(m, name, host)
+                nbytes = host.numel() * host.element_size()
+                self.host_bytes += nbytes
+                items.append((m, name, host, off))
+                off += -(-nbytes // self.ALIGN) * self.ALIGN
+            self.items[idx] = items
+            need = max(need, off)
+        if need and not self.simulate:
+            self.slots = [torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(self.SLOTS)]
 
     def detach(self) -> None:
-        """Hooks off; every streamed weight back on the GPU for good."""
+        """Hooks off; every streamed weight back on the GPU for good (in its own tensors, not a slot)."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        for idx in list(self.items):
-            self.load(idx)
-            self.resident.pop(idx, None)
+        if self.slots:
+            torch.cuda.current_stream(self.device).synchronize()
+        for items in self.items.values():
+            for m, name, host, _ in items:
+                setattr(m, name, host.clone() if self.simulate else host.to(self.device))
         self.items.clear()
+        self.resident.clear()
         self.events.clear()
         self.blocks.clear()
+        self.slots = []
+        self.slot_owner = [None] * self.SLOTS
+        self.slot_free = [None] * self.SLOTS
         self.host_bytes = 0
 
     # -- copies ------------------------------------------------------------------------------------
     def prefetch(self, idx: int) -> None:
-        """Start copying block idx's weights to the GPU (no-op if not streamed or already there)."""
+        """Start copying block idx's weights into its slot (no-op if not streamed or already there)."""
         if idx not in self.blocks:
             return
-        self._take(idx)
+        self._take_all()
         if idx in self.resident or not self.items[idx]:
             return
         if self.simulate:
-            self.resident[idx] = [h.clone() for _, _, h in self.items[idx]]
+            self.resident[idx] = [h.clone() for _, _, h, _ in self.items[idx]]
             return
+        s = idx % self.SLOTS
+        owner = self.slot_owner[s]
+        if owner is not None and owner != idx:  # an access out of the usual order: the slot's block goes
+            self.release(owner)
         stream = self._h2d()
+        slot = self.slots[s]
         with torch.cuda.stream(stream):
-            self.resident[idx] = [torch.empty(h.shape, dtype=h.dtype, device=self.device).copy_(h, non_blocking=True)
-                                  for _, _, h in self.items[idx]]
+            if self.slot_free[s] is not None:  # the kernels reading the slot's last block have run
+                stream.wait_event(self.slot_free[s])
+            gpu = []
+            for _, _, h, off in self.items[idx]:
+                nbytes = h.numel() * h.element_size()
+                t = slot[off:off + nbytes].view(h.dtype).view(h.shape)
+                t.copy_(h, non_blocking=True)
+                gpu.append(t)
             ev = torch.cuda.Event()
             ev.record(stream)
+        self.resident[idx] = gpu
         self.events[idx] = ev
+        self.slot_owner[s] = idx
 
     def load(self, idx: int) -> None:
         """Block idx's weights on the GPU, in its modules, ready for kernels on the current stream."""
@@ -127,22 +163,26 @@ class WeightStream:
             return
         ev = self.events.pop(idx, None)
         if ev is not None:
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(ev)
-            for t in gpu:
-                t.record_stream(main)  # made on the copy stream: not reused before main's kernels ran
-        for (m, name, _), t in zip(self.items[idx], gpu):
+            torch.cuda.current_stream(self.device).wait_event(ev)
+        for (m, name, _, _), t in zip(self.items[idx], gpu):
             setattr(m, name, t)
 
     def release(self, idx: int) -> None:
-        """Block idx's modules point at the host copies again; the device copies go back to the allocator
-        once the kernels already queued on them have run (record_stream in load)."""
+        """Block idx's modules point at the host copies again; its slot is free for another block once
+        the kernels already queued on the compute stream have run."""
         gpu = self.resident.pop(idx, None)
         if gpu is None:
             return
         self.events.pop(idx, None)
-        for m, name, host in self.items[idx]:
+        for m, name, host, _ in self.items[idx]:
             setattr(m, name, host)
+        if not self.simulate:
+            s = idx % self.SLOTS
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.slot_free[s] = ev
+            if self.slot_owner[s] == idx:
+                self.slot_owner[s] = None
 
     def release_all(self, keep: Iterable[int] = ()) -> None:
         for idx in [i for i in self.resident if i not in set(keep)]:
