@@ -6,11 +6,12 @@ copied on the offload's copy-back stream one block ahead, and go again when the 
 GPU holds at most two streamed blocks' weights at a time.
 
 Why: the NF4 weights of an 8B model (3.35 GiB) sit on the GPU through the whole step, while a block
-uses its own 112 MB for a few milliseconds of forward and of backward. With activation offload the
-host-to-device direction of PCIe is idle in the forward and partly idle in the backward, so the
-copies are close to free, and the memory they free keeps more activations on the GPU (or gate/up,
-which saves their recompute). Each streamed block costs twice its weights in host-to-device traffic
-per step.
+uses its own 112 MB for a few milliseconds of forward and of backward. Each streamed block costs twice
+its weights in host-to-device traffic per step. Measured (H200, 8B, 2 x 2048 tokens, benchmarks/
+RESULTS.md): a memory lever, not a speed one. 25 blocks took the peak from 6.66 to 4.53 GiB at 10%
+fewer tokens/s; spending the freed memory on kept activations and gate/up won nothing back, because
+PCIe carries ~87 GB/s both ways at once against ~55 one way, so the weights coming in slow the
+activations going out in the forward.
 
 Hooks on each streamed block call `enter(idx)` before its forward and `exit(idx)` after it (any
 forward: training, evaluation); the checkpoint function (train/activations.py) adds `backward_hook(y,
