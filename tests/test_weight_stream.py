@@ -216,6 +216,9 @@ def test_gpu_streamed_blocks_take_two_slots_of_gpu_memory(monkeypatch):
         fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations", keep_on_gpu=1,
                                  stream_weights=stream)
         fn.min_bytes = 1024
+        if stream:  # off the GPU at setup, before the first step (whose peak counts too)
+            assert not any(getattr(mod, name).is_cuda for i in range(5)
+                           for mod, name in quantized_buffers(m.model.layers[i]))
         for step in range(3):
             m.zero_grad(set_to_none=True)
             ids, pos = (t.cuda() for t in _batch())

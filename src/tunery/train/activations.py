@@ -831,6 +831,7 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
 
             streamed = first_blocks(len(body.layers), keep_on_gpu, stream_weights)
             off.weights = WeightStream({i: body.layers[i] for i in streamed}, h2d_stream=lambda: off.h2d_stream)
+            off.weights._take_all()  # off the GPU now, not at the first forward: the first step's peak too
         body.checkpoint_fn = off
     else:
         body.checkpoint_fn = _plain_checkpoint

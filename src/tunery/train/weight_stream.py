@@ -76,11 +76,12 @@ class WeightStream:
 
     # -- setup and teardown ------------------------------------------------------------------------
     def _take_all(self) -> None:
-        """First use: every streamed block's quantized buffers move to (pinned) host memory, and the two
-        slots are made, each as large as the largest block."""
+        """Every streamed block's quantized buffers move to (pinned) host memory, and the two slots are
+        made, each as large as the largest block. apply_checkpointing calls it at once, so the memory is
+        free before the first step; for a model not yet on the GPU it runs again at first use."""
         if self.items:
             return
-        need = 0
+        need, taken = 0, {}
         for idx, ref in self.blocks.items():
             block = ref()
             items, off = [], 0
@@ -98,8 +99,11 @@ class WeightStream:
                 self.host_bytes += nbytes
                 items.append((m, name, host, off))
                 off += -(-nbytes // self.ALIGN) * self.ALIGN
-            self.items[idx] = items
+            taken[idx] = items
             need = max(need, off)
+        if not any(taken.values()):  # still on the CPU (moved to the GPU later): taken at first use then
+            return
+        self.items = taken
         if need and not self.simulate:
             self.slots = [torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(self.SLOTS)]
 
