@@ -50,8 +50,9 @@ class TrainingSection(Section):
         "first N offloaded decoder blocks keep their frozen 4-bit weights in CPU memory; each block's are copied "
         "in (a block ahead, into two fixed GPU slots) for its forward and its backward only. Frees (N - 2) x the "
         "4-bit size of a block (112 MB for an 8B model) for twice N blocks of host-to-device copies per step, "
-        "which share PCIe with the offloaded activations: on an H200, 8B at 2 x 2048 tokens, N=25 took the "
-        "peak from 6.66 to 4.53 GiB at 10% fewer tokens/s. `tunery plan` counts it.")
+        "which share PCIe with the offloaded activations: on an H200, 8B at 2 x 2048 tokens, N=32 with "
+        "offload_keep_on_gpu: 0 took the peak from 6.66 to 2.92 GiB at ~6% fewer tokens/s. `tunery plan` "
+        "counts it.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
     eval_batch_size: int | None = None
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")

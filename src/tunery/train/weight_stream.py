@@ -8,10 +8,10 @@ GPU holds at most two streamed blocks' weights at a time.
 Why: the NF4 weights of an 8B model (3.35 GiB) sit on the GPU through the whole step, while a block
 uses its own 112 MB for a few milliseconds of forward and of backward. Each streamed block costs twice
 its weights in host-to-device traffic per step. Measured (H200, 8B, 2 x 2048 tokens, benchmarks/
-RESULTS.md): a memory lever, not a speed one. 25 blocks took the peak from 6.66 to 4.53 GiB at 10%
-fewer tokens/s; spending the freed memory on kept activations and gate/up won nothing back, because
-PCIe carries ~87 GB/s both ways at once against ~55 one way, so the weights coming in slow the
-activations going out in the forward.
+RESULTS.md): a memory lever, not a speed one. 25 of 32 blocks took the peak from 6.66 to 4.25 GiB at
+~4% fewer tokens/s, all 32 (none kept) to 2.92 GiB at ~6% fewer; spending the freed memory on kept
+activations and gate/up won nothing back, because PCIe carries ~87 GB/s both ways at once against
+~55 one way, so the weights coming in slow the activations going out in the forward.
 
 Hooks on each streamed block call `enter(idx)` before its forward and `exit(idx)` after it (any
 forward: training, evaluation); the checkpoint function (train/activations.py) adds `backward_hook(y,
@@ -132,7 +132,7 @@ class WeightStream:
         if idx not in self.blocks:
             return
         self._take_all()
-        if idx in self.resident or not self.items[idx]:
+        if idx in self.resident or not self.items.get(idx):
             return
         if self.simulate:
             self.resident[idx] = [h.clone() for _, _, h, _ in self.items[idx]]
