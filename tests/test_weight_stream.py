@@ -236,3 +236,33 @@ def test_gpu_streamed_blocks_take_two_slots_of_gpu_memory(monkeypatch):
     saved = alloc[0] - alloc[1]
     assert 3 * block - 64 * 1024 <= saved <= 3 * block + 64 * 1024, (saved, block)
     assert reserved[1] == 0
+
+
+def test_planner_suggests_streaming_before_smaller_micro_batches():
+    """QLoRA that does not fit: the plan names the fewest streamed blocks that fit at the same micro-batch
+    (and the predicted peak of that config), then a smaller micro-batch with every block streamed; never
+    the "use qlora" advice to a QLoRA run."""
+    from dataclasses import replace
+
+    from test_plan import LLAMA_8B
+    from tunery.train.plan import CONTEXT_RESERVE, ModelShape, Setup, peak_bytes, plan_shapes
+
+    sh = ModelShape.from_hf(LLAMA_8B)
+    s = Setup(seq_len=2048, micro_batch=2, adapter="qlora", double_quant=True, checkpointing="offload",
+              keep_on_gpu=0, embed_on_cpu=True, mlp_recompute=True, ignored_labels=False,
+              offload_strategy="activations")
+    budget = peak_bytes(sh, replace(s, stream_weights=14))
+    assert peak_bytes(sh, replace(s, stream_weights=13)) > budget
+    r = plan_shapes(LLAMA_8B, s, budget + CONTEXT_RESERVE)
+    assert not r.fits and r.suggestions[0].startswith("gradient_checkpointing: offload with offload_weights: 14 "), \
+        r.suggestions
+    tight = peak_bytes(sh, replace(s, stream_weights=32, micro_batch=1))
+    assert peak_bytes(sh, replace(s, stream_weights=32)) > tight
+    r = plan_shapes(LLAMA_8B, s, tight + CONTEXT_RESERVE)
+    assert r.suggestions[0].startswith("micro_batch_size: 1 with gradient_accumulation_steps x2 and gradient_"
+                                       "checkpointing: offload, offload_keep_on_gpu: 0 and offload_weights: 32"), \
+        r.suggestions
+    r = plan_shapes(LLAMA_8B, s, CONTEXT_RESERVE + 2**20)
+    assert not any("use adapter: qlora" in x for x in r.suggestions), r.suggestions
+    lora = plan_shapes(LLAMA_8B, replace(s, adapter="lora", double_quant=False), budget + CONTEXT_RESERVE)
+    assert not any("offload_weights" in x for x in lora.suggestions), lora.suggestions

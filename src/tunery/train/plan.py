@@ -373,21 +373,36 @@ def _suggest(r: PlanReport, budget: int) -> None:
                 r.suggestions.append(f"gradient_checkpointing: {_cfg_value(mode)}{extra} fits at micro_batch_size "
                                      f"{s.micro_batch} (predicted {_gib(peak_bytes(shape, t))})")
                 return
-    for mode in ("offload",):
-        t = replace(s, checkpointing=mode, mlp_chunk=s.mlp_chunk or 8192)
-        mb = s.micro_batch
+    t = replace(s, checkpointing="offload", mlp_chunk=s.mlp_chunk or 8192)
+    n = _streamed_fit(shape, t, budget)
+    if n:  # the same micro-batch with the 4-bit weights streamed: ~5% slower, where accumulation costs more
+        r.suggestions.append(f"gradient_checkpointing: offload with offload_weights: {n} fits at micro_batch_size "
+                             f"{s.micro_batch} (predicted {_gib(peak_bytes(shape, replace(t, stream_weights=n)))})")
+        return
+    mb = s.micro_batch
+    while mb > 1 and peak_bytes(shape, replace(t, micro_batch=mb)) > budget:
+        mb -= 1
+    if peak_bytes(shape, replace(t, micro_batch=mb)) > budget and s.adapter == "qlora":
+        t = replace(t, stream_weights=shape.layers, keep_on_gpu=0)
         while mb > 1 and peak_bytes(shape, replace(t, micro_batch=mb)) > budget:
             mb -= 1
-        if peak_bytes(shape, replace(t, micro_batch=mb)) <= budget:
-            acc = math.ceil(s.micro_batch / mb)
-            r.suggestions.append(f"micro_batch_size: {mb} with gradient_accumulation_steps x{acc} and "
-                                 f"gradient_checkpointing: offload fits (predicted "
-                                 f"{_gib(peak_bytes(shape, replace(t, micro_batch=mb)))})")
-            return
-    longest = max_seq_len(shape, replace(s, micro_batch=1, checkpointing="offload", mlp_chunk=8192), budget)
+    if peak_bytes(shape, replace(t, micro_batch=mb)) <= budget:
+        acc = math.ceil(s.micro_batch / mb)
+        streamed = f", offload_keep_on_gpu: 0 and offload_weights: {shape.layers}" if t.stream_weights else ""
+        r.suggestions.append(f"micro_batch_size: {mb} with gradient_accumulation_steps x{acc} and "
+                             f"gradient_checkpointing: offload{streamed} fits (predicted "
+                             f"{_gib(peak_bytes(shape, replace(t, micro_batch=mb)))})")
+        return
+    t = replace(s, micro_batch=1, checkpointing="offload", mlp_chunk=8192)
+    if s.adapter == "qlora":
+        t = replace(t, stream_weights=shape.layers, keep_on_gpu=0)
+    longest = max_seq_len(shape, t, budget)
     if longest:
+        streamed = f", offload_keep_on_gpu: 0, offload_weights: {shape.layers}" if t.stream_weights else ""
         r.suggestions.append(f"does not fit at sequence_len {s.seq_len}; the longest that fits is about "
-                             f"{longest} tokens (micro_batch_size 1, offload, chunked MLP)")
+                             f"{longest} tokens (micro_batch_size 1, offload{streamed}, chunked MLP)")
+    elif s.adapter == "qlora":
+        r.suggestions.append("does not fit even with every 4-bit weight streamed from CPU memory: more GPUs (fsdp)")
     else:
         r.suggestions.append("the weights alone do not fit: use adapter: qlora with load_in_4bit, "
                              "or more GPUs (fsdp)")
@@ -395,6 +410,18 @@ def _suggest(r: PlanReport, budget: int) -> None:
         q = replace(s, adapter="qlora", double_quant=True)
         if peak_bytes(shape, q) <= budget:
             r.suggestions.append(f"adapter: qlora + load_in_4bit fits (predicted {_gib(peak_bytes(shape, q))})")
+
+
+def _streamed_fit(shape: ModelShape, s: Setup, budget: int) -> int:
+    """The fewest blocks whose 4-bit weights must stream from host memory (offload_weights) for `s`
+    (QLoRA, offload) to fit `budget`; 0 when it is not QLoRA or no count fits."""
+    if s.adapter != "qlora" or s.checkpointing != "offload":
+        return 0
+    n_off = shape.layers - min(shape.layers, s.keep_on_gpu)
+    for n in range(3, n_off + 1):  # two blocks' weights stay on the GPU: fewer than three frees nothing
+        if peak_bytes(shape, replace(s, stream_weights=n)) <= budget:
+            return n
+    return 0
 
 
 def _cfg_value(mode: bool | str) -> str:
