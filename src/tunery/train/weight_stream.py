@@ -190,7 +190,8 @@ class WeightStream:
                 self.slot_owner[s] = None
 
     def release_all(self, keep: Iterable[int] = ()) -> None:
-        for idx in [i for i in self.resident if i not in set(keep)]:
+        keep = set(keep)
+        for idx in [i for i in self.resident if i not in keep]:
             self.release(idx)
 
     # -- the checkpoint function's calls -----------------------------------------------------------
