@@ -541,22 +541,27 @@ class OffloadCheckpoint:
 
     def __call__(self, layer: nn.Module, x: torch.Tensor, rope: Any, cu_seqlens: torch.Tensor | None,
                  max_seqlen: int | None) -> torch.Tensor:
-        ws = self.weights
-        if ws is None or not torch.is_grad_enabled():
-            return self._call(layer, x, rope, cu_seqlens, max_seqlen)
-        idx = self.layer_index.get(id(layer), 0)
-        ws.simulate = self.simulate
-        if idx == 0:
-            ws.new_forward()
-        y = self._call(layer, x, rope, cu_seqlens, max_seqlen)
-        ws.backward_hook(y, idx)  # the block's weights come back when its backward starts
-        return y
-
-    def _call(self, layer: nn.Module, x: torch.Tensor, rope: Any, cu_seqlens: torch.Tensor | None,
-              max_seqlen: int | None) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return layer(x, rope, cu_seqlens, max_seqlen)
         idx = self.layer_index.get(id(layer), 0)
+        ws = self.weights
+        if ws is None:
+            return self._call(layer, x, rope, cu_seqlens, max_seqlen, idx)
+        ws.simulate = self.simulate
+        if idx == 0:
+            ws.new_forward()
+        y = self._call(layer, x, rope, cu_seqlens, max_seqlen, idx)
+        ws.backward_hook(y, idx)  # the block's weights come back when its backward starts
+        return y
+
+    def stop_streaming(self) -> None:
+        """offload_weights off: hooks removed, every streamed weight back on the GPU for good."""
+        if self.weights is not None:
+            self.weights.detach()
+            self.weights = None
+
+    def _call(self, layer: nn.Module, x: torch.Tensor, rope: Any, cu_seqlens: torch.Tensor | None,
+              max_seqlen: int | None, idx: int) -> torch.Tensor:
         first = idx == 0
         offload = (x.is_cuda or self.simulate) and (self.num_layers is None or idx < self.num_layers - self.keep_on_gpu)
         strategy = self.pick(x)
@@ -814,9 +819,8 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     if stream_weights and mode != "offload":
         raise ValueError("streaming weights from host memory needs gradient_checkpointing: offload")
     old = getattr(body, "checkpoint_fn", None)
-    if getattr(old, "weights", None) is not None:  # hooks off, weights back on the GPU before a new setup
-        old.weights.detach()
-        old.weights = None
+    if isinstance(old, OffloadCheckpoint):  # hooks off, weights back on the GPU before a new setup
+        old.stop_streaming()
     set_mlp_chunking(model, mlp_chunk)
     if not mode:
         body.checkpoint_fn = None

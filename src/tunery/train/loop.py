@@ -363,9 +363,8 @@ class Trainer:
         if ev:
             logger.log({"step": step, **ev})
         fn = getattr(getattr(self.model, "model", None), "checkpoint_fn", None)
-        if getattr(fn, "weights", None) is not None:  # offload_weights: every weight back on the GPU for good
-            fn.weights.detach()
-            fn.weights = None
+        if hasattr(fn, "stop_streaming"):  # offload_weights: every weight back on the GPU for good
+            fn.stop_streaming()
         with dist_ckpt.consolidated(self.model, trainable_only=bool(self.cfg.adapter)) as writer:
             if writer:
                 self.write_final()

@@ -379,13 +379,10 @@ def _suggest(r: PlanReport, budget: int) -> None:
         r.suggestions.append(f"gradient_checkpointing: offload with offload_weights: {n} fits at micro_batch_size "
                              f"{s.micro_batch} (predicted {_gib(peak_bytes(shape, replace(t, stream_weights=n)))})")
         return
-    mb = s.micro_batch
-    while mb > 1 and peak_bytes(shape, replace(t, micro_batch=mb)) > budget:
-        mb -= 1
+    mb = _largest_micro_batch(shape, t, budget)
     if peak_bytes(shape, replace(t, micro_batch=mb)) > budget and s.adapter == "qlora":
         t = replace(t, stream_weights=shape.layers, keep_on_gpu=0)
-        while mb > 1 and peak_bytes(shape, replace(t, micro_batch=mb)) > budget:
-            mb -= 1
+        mb = _largest_micro_batch(shape, t, budget)
     if peak_bytes(shape, replace(t, micro_batch=mb)) <= budget:
         acc = math.ceil(s.micro_batch / mb)
         streamed = f", offload_keep_on_gpu: 0 and offload_weights: {shape.layers}" if t.stream_weights else ""
@@ -410,6 +407,14 @@ def _suggest(r: PlanReport, budget: int) -> None:
         q = replace(s, adapter="qlora", double_quant=True)
         if peak_bytes(shape, q) <= budget:
             r.suggestions.append(f"adapter: qlora + load_in_4bit fits (predicted {_gib(peak_bytes(shape, q))})")
+
+
+def _largest_micro_batch(shape: ModelShape, s: Setup, budget: int) -> int:
+    """The largest micro-batch up to s.micro_batch that fits `budget` (1 when none does)."""
+    mb = s.micro_batch
+    while mb > 1 and peak_bytes(shape, replace(s, micro_batch=mb)) > budget:
+        mb -= 1
+    return mb
 
 
 def _streamed_fit(shape: ModelShape, s: Setup, budget: int) -> int:
