@@ -138,7 +138,8 @@ def test_new_run_watch_stop_chat_export(studio, browser, e2e_data, shot):
     n2 = wait_points(page, "loss", n1, 120)
     assert n2 > n1
     page.wait_for_function("document.querySelector('#log').textContent.includes('train:')", timeout=20_000)
-    assert points(page, "system") > 0
+    # The machine chart's first sample follows the log in the stream; a loaded CI box can deliver it later.
+    wait_points(page, "system", 0, 20)
     shot(page, "03-run-live-laptop")
     phase("server restart, more points")
 
