@@ -84,16 +84,26 @@ class LoRALinear(nn.Module):
         return out + F.linear(F.linear(h, a), b).to(out.dtype) * self.scale
 
     def _dora(self, x: torch.Tensor) -> torch.Tensor:
-        """peft's DoRA forward: base + (m / n - 1) * base' + m / n * s * lora, base' the dropped input's."""
-        w = self.base_weight().to(x.dtype)
-        out = F.linear(x, w, self.bias)
+        """peft's DoRA forward: base + (m / n - 1) * base' + m / n * s * lora, base' the dropped input's.
+
+        A quantized base is dequantized here only for the norm; its products go through the storage's own
+        frozen linear, so autograd never keeps (or, under activation offload, ships to the host) a
+        dequantized copy of W per layer."""
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         with torch.no_grad():  # ||W + s B A||_row: a constant in backward
+            w = self.base_weight().to(x.dtype)
             norm = torch.linalg.norm(w + self.scale * (b @ a), dim=1)
+        if isinstance(self.weight, torch.Tensor):
+            def base_linear(t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+                return F.linear(t, w, bias)
+        else:
+            del w  # the dequantized copy dies here
+            base_linear = self.weight.linear
+        out = base_linear(x, self.bias)
         mag = (self.lora_magnitude.to(x.dtype) / norm).view(*([1] * (x.dim() - 1)), -1)
         dropped = self.dropout_p and self.training
         h = F.dropout(x, self.dropout_p, True) if dropped else x
-        base = F.linear(h, w) if dropped else (out - self.bias if self.bias is not None else out)
+        base = base_linear(h) if dropped else (out - self.bias if self.bias is not None else out)
         return out + (mag - 1) * base + mag * F.linear(F.linear(h, a), b) * self.scale
 
     @torch.no_grad()

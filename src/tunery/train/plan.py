@@ -16,8 +16,8 @@ u = N x H x 2 (one bf16 hidden-state tensor); a = q_dim / H, g = kv_dim / H, r =
   adapters     LoRA params r x (in + out) per adapted linear, fp32 weights + fp32 grads (8 B/param);
                modules_to_save (and every param in full fine-tuning) count here too.
   optimizer    AdamW: two fp32 states per trained param (8 B/param).
-  activations  (DoRA adds 2 x out / H units to S per adapted linear, and on a 4-bit base its dequantized
-               weight)
+  activations  (DoRA adds 2 x out / H units to S per adapted linear; a 4-bit base's dequantized weight is
+               never kept)
                the peak is the larger of two moments:
                backward of one block: kept inputs of the other blocks (checkpointing off: their
                saved tensors S = (2 + 2a + 2g) u + 2r u for gate/up unless recomputed or chunked;
@@ -183,12 +183,9 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
     r = I / H
     frac = min(1.0, s.mlp_chunk / N) if s.mlp_chunk else 1.0
     x_stack = 2 + 2 * a + 2 * g                       # x, q, k, v, attention output, MLP input
-    if s.adapter and s.dora:  # each DoRA layer also keeps its base and adapter outputs ([N, out] each) and,
-        # on a 4-bit base, the dequantized weight (adapters/lora.py LoRALinear._dora)
-        adapted = [dims[n] for n in s.targets if n in dims]
-        x_stack += 2 * sum(o for _, o in adapted) / H
-        if s.adapter == "qlora":
-            x_stack += sum(i * o for i, o in adapted) * s.act_bytes / u
+    if s.adapter and s.dora:  # each DoRA layer also keeps its base and adapter outputs ([N, out] each;
+        # adapters/lora.py LoRALinear._dora)
+        x_stack += 2 * sum(dims[n][1] for n in s.targets if n in dims) / H
     gate_up = 0.0 if (s.mlp_recompute or s.mlp_chunk) else 2 * r
     block_saved = x_stack + gate_up
     act_offload = s.checkpointing == "offload" and s.offload_strategy == "activations"
