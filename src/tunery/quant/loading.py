@@ -8,7 +8,6 @@ every other tensor (embeddings, norms, LM head, biases) is placed as is.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -87,16 +86,10 @@ def safetensors_stream(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]
     """(name, tensor) for every tensor of an HF folder, one at a time (memory-mapped reads)."""
     from safetensors import safe_open
 
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(folder.glob("*.safetensors")) if not p.name.startswith("adapter")]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no .safetensors weights found")
-    for f in files:
-        with safe_open(str(folder / f), framework="pt", device="cpu") as sf:
+    from ..models.loading import weight_files
+
+    for f in weight_files(folder):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
             for key in sf.keys():
                 yield key, sf.get_tensor(key)
 

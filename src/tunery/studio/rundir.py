@@ -76,8 +76,13 @@ def last_rows(path: Path, tail_bytes: int = 16384) -> list[dict[str, Any]]:
     if got is None:
         return []
     chunk, size = got
+    return _dict_rows(chunk.splitlines()[(1 if size > tail_bytes else 0):])
+
+
+def _dict_rows(lines: list[bytes] | list[str]) -> list[dict[str, Any]]:
+    """The lines that parse as JSON objects; a torn or foreign line is skipped (the trainer may be mid-write)."""
     rows = []
-    for line in chunk.splitlines()[(1 if size > tail_bytes else 0):]:
+    for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
@@ -210,15 +215,7 @@ class JsonlTail:
         data = self.partial + data
         lines = data.split(b"\n")
         self.partial = lines.pop()
-        rows = []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-        return reset, rows
+        return reset, _dict_rows(lines)
 
 
 def log_tail(path: Path, max_lines: int = 200, tail_bytes: int = 65536) -> list[str]:

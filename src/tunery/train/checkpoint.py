@@ -47,6 +47,19 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+def publish(tmp: Path, ckpt_dir: Path) -> None:
+    """Make the finished temp folder `tmp` the checkpoint `ckpt_dir`: its files synced, then one rename, so a
+    crash leaves the old checkpoint or the new one, never half of one."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    os.rename(tmp, ckpt_dir)
+    _fsync_dir(ckpt_dir.parent)
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in trainable_parameters(model)}
 
@@ -67,14 +80,7 @@ def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, trai
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         if write_weights is not None:
             write_weights(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        os.rename(tmp, ckpt_dir)
-        _fsync_dir(ckpt_dir.parent)
+        publish(tmp, ckpt_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .checkpoint import _fsync_dir, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import load_checkpoint, publish, rng_state, set_rng_state
 from .distributed import reshard
 from .optim import trainable_parameters
 from .parallel import is_sharded, sharded_state_dicts
@@ -119,14 +118,7 @@ def save(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, trainer_state: 
         _barrier()  # every rank's shards are on disk (or someone failed)
         if rank == 0:
             if ok:
-                for f in tmp.rglob("*"):
-                    if f.is_file():
-                        with open(f, "rb") as fh:
-                            os.fsync(fh.fileno())
-                if ckpt_dir.exists():
-                    shutil.rmtree(ckpt_dir)
-                os.rename(tmp, ckpt_dir)
-                _fsync_dir(ckpt_dir.parent)
+                publish(tmp, ckpt_dir)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
