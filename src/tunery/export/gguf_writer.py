@@ -30,27 +30,59 @@ from gguf import (
 from gguf.quants import quantize
 
 from .gguf_vocab import build_vocab
+from .kquants import quantize_k
 
 # HF model_type -> llama.cpp architecture
 GGUF_ARCH = {
     "llama": MODEL_ARCH.LLAMA, "mistral": MODEL_ARCH.LLAMA, "qwen2": MODEL_ARCH.QWEN2, "qwen3": MODEL_ARCH.QWEN3,
     "gemma": MODEL_ARCH.GEMMA, "gemma2": MODEL_ARCH.GEMMA2, "gemma3_text": MODEL_ARCH.GEMMA3,
 }
-# --quant name -> (tensor type of 2-D weights, general.file_type)
+# --quant name -> (tensor type of most 2-D weights, general.file_type)
 QUANT_TYPES = {
     "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
     "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
     "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q6_k": (GGMLQuantizationType.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "q4_k_m": (GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
 }
+# what a matrix whose rows do not fit a type's block takes instead (llama.cpp's choices)
+_FALLBACK = {GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0,
+             GGMLQuantizationType.Q5_0: GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0: GGMLQuantizationType.F16}
+_BLOCK = {GGMLQuantizationType.Q4_K: 256, GGMLQuantizationType.Q6_K: 256, GGMLQuantizationType.Q5_0: 32,
+          GGMLQuantizationType.Q8_0: 32}
 
 
 def check_quant(quant: str) -> str:
     q = quant.lower()
     if q not in QUANT_TYPES:
         raise ValueError(f"GGUF quant type {quant!r} is not available; choose one of {', '.join(QUANT_TYPES)} "
-                         "(4-bit k-quants: write f16 here, then run llama.cpp's llama-quantize)")
+                         "(other k-quants: write f16 here, then run llama.cpp's llama-quantize)")
     return q
+
+
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """The layers whose attn_v / ffn_down a Q4_K_M file keeps in Q6_K: the first and last eighth, and every
+    third one between (the usual Q4_K_M mix)."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(gname: str, quant: str, n_layers: int, shape: tuple[int, ...], tied: bool) -> GGMLQuantizationType:
+    """The GGUF type of one tensor: 1-D tensors (norms, biases, rope factors) stay F32; a Q4_K_M file puts
+    the output matrix (the token embedding when tied) and half the layers' attn_v and ffn_down in Q6_K; a
+    matrix whose rows do not fit the type's block falls back (Q4_K -> Q5_0, Q6_K or Q5_0 -> Q8_0 or F16)."""
+    qtype = QUANT_TYPES[quant][0]
+    if len(shape) < 2 or gname == "rope_freqs.weight" or qtype == GGMLQuantizationType.F32:
+        return GGMLQuantizationType.F32
+    if quant == "q4_k_m":
+        parts = gname.split(".")
+        if gname == "output.weight" or (tied and gname == "token_embd.weight"):
+            qtype = GGMLQuantizationType.Q6_K
+        elif parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and _more_bits(int(parts[1]), n_layers):
+            qtype = GGMLQuantizationType.Q6_K
+    while qtype in _BLOCK and shape[-1] % _BLOCK[qtype]:
+        qtype = _FALLBACK[qtype]
+    return qtype
 
 
 def check_family(hf_config: dict[str, Any]) -> str:
@@ -110,17 +142,15 @@ def rope_factors(dc: Any) -> torch.Tensor | None:
     return (plain / scaled).float()
 
 
-def _encode(t: torch.Tensor, gname: str, qtype: GGMLQuantizationType) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """Array and tensor type for one tensor: 1-D tensors (norms, biases, rope factors) stay F32; a q8_0
-    matrix whose rows are not a multiple of 32 falls back to F16, as llama.cpp does."""
-    arr = t.numpy()
-    if t.ndim < 2 or gname == "rope_freqs.weight" or qtype == GGMLQuantizationType.F32:
-        return arr.astype(np.float32), GGMLQuantizationType.F32
+def _encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
+    """One tensor as the array GGUF stores for `qtype` (tensor_type's pick)."""
+    if qtype == GGMLQuantizationType.F32:
+        return t.numpy().astype(np.float32)
     if qtype == GGMLQuantizationType.F16:
-        return arr.astype(np.float16), GGMLQuantizationType.F16
-    if qtype == GGMLQuantizationType.Q8_0 and arr.shape[-1] % 32:
-        return arr.astype(np.float16), GGMLQuantizationType.F16
-    return quantize(arr, qtype), qtype
+        return t.numpy().astype(np.float16)
+    if qtype in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K):
+        return quantize_k(t.reshape(-1, t.shape[-1]), qtype.name.lower())
+    return quantize(t.numpy(), qtype)
 
 
 def _hparams(w: GGUFWriter, hf_config: dict[str, Any]) -> None:
@@ -191,7 +221,8 @@ def write_gguf(tensors: Iterable[tuple[str, torch.Tensor]], hf_config: dict[str,
         _hparams(w, hf_config)
         build_vocab(tokenizer, dc.vocab_size, hf_config).write(w)
         for gname, t in gguf_tensors(tensors, hf_config):
-            arr, ttype = _encode(t, gname, qtype)
+            ttype = tensor_type(gname, quant, dc.num_layers, tuple(t.shape), dc.tie_word_embeddings)
+            arr = _encode(t, ttype)
             w.add_tensor(gname, arr, raw_dtype=ttype if ttype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else None)
         w.write_header_to_file()
         w.write_kv_data_to_file()
