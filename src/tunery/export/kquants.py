@@ -38,11 +38,11 @@ def _q4_k_blocks(x: torch.Tensor) -> torch.Tensor:
     span = x.amax(-1) - lo
     best_err = torch.full_like(lo, float("inf"))
     best_a, best_mn = span / 15, lo
-    n = 32.0
+    n, sx, sxx = 32.0, x.sum(-1), (x * x).sum(-1)
     for c in (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5):  # codes from a range 15 + c wide, each refit
         iscale = torch.where(span > 0, (15 + c) / span, torch.zeros_like(span))
-        q = ((x - lo[..., None]) * iscale[..., None]).round().clamp(0, 15)
-        sq, sqq, sx, sqx = q.sum(-1), (q * q).sum(-1), x.sum(-1), (q * x).sum(-1)
+        q = ((x - lo[..., None]) * iscale[..., None]).round_().clamp_(0, 15)
+        sq, sqq, sqx = q.sum(-1), (q * q).sum(-1), (q * x).sum(-1)
         det = n * sqq - sq * sq
         ok = det > 0
         safe = torch.where(ok, det, torch.ones_like(det))
@@ -51,7 +51,8 @@ def _q4_k_blocks(x: torch.Tensor) -> torch.Tensor:
         pos = mn > 0  # the offset must stay <= 0: refit the scale alone
         a = torch.where(pos, sqx / sqq.clamp(min=1e-30), a).clamp(min=0)
         mn = mn.clamp(max=0)
-        err = ((a[..., None] * q + mn[..., None] - x) ** 2).sum(-1)
+        # sum((a q + mn - x)^2), expanded over the sums above (no second pass over the values)
+        err = a * a * sqq + 2 * a * mn * sq - 2 * a * sqx + n * mn * mn - 2 * mn * sx + sxx
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_a, best_mn = torch.where(better, a, best_a), torch.where(better, mn, best_mn)
@@ -82,10 +83,10 @@ def _q6_k_blocks(x: torch.Tensor) -> torch.Tensor:
     best_s = -peak / 32
     for c in (-1.0, -0.5, 0.0, 0.5, 1.0):
         iscale = torch.where(peak != 0, -(32 + c) / peak, torch.zeros_like(peak))
-        q = (x * iscale[..., None]).round().clamp(-32, 31)
-        sqq = (q * q).sum(-1)
-        s = torch.where(sqq > 0, (q * x).sum(-1) / sqq.clamp(min=1e-30), best_s)
-        err = ((s[..., None] * q - x) ** 2).sum(-1)
+        q = (x * iscale[..., None]).round_().clamp_(-32, 31)
+        sqq, sqx = (q * q).sum(-1), (q * x).sum(-1)
+        s = torch.where(sqq > 0, sqx / sqq.clamp(min=1e-30), best_s)
+        err = s * s * sqq - 2 * s * sqx  # sum((s q - x)^2) less sum(x^2), the same for every candidate
         better = err < best_err
         best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
     d = _f16(best_s.abs().amax(-1) / 127)
