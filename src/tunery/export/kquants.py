@@ -39,7 +39,7 @@ def _q4_k_blocks(x: torch.Tensor) -> torch.Tensor:
     best_err = torch.full_like(lo, float("inf"))
     best_a, best_mn = span / 15, lo
     n, sx, sxx = 32.0, x.sum(-1), (x * x).sum(-1)
-    for c in (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5):  # codes from a range 15 + c wide, each refit
+    for c in [k / 4 for k in range(-4, 9)]:  # codes from a range 15 + c wide (c in -1..2), each refit
         iscale = torch.where(span > 0, (15 + c) / span, torch.zeros_like(span))
         q = ((x - lo[..., None]) * iscale[..., None]).round_().clamp_(0, 15)
         sq, sqq, sqx = q.sum(-1), (q * q).sum(-1), (q * x).sum(-1)
