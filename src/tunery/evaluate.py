@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .atomic import write_text
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 REFERENCE_COLUMNS = ("answer", "reference", "solution", "target", "output", "label")
 
@@ -286,10 +288,7 @@ def evaluate(target: str | Path, *, overrides: list[str] | None = None, max_exam
         results["exact_match_note"] = "no examples with a prompt and a reference answer"
     results["seconds"] = round(time.perf_counter() - t0, 2)
     path = Path(out) if out is not None else default_out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(results, indent=2, ensure_ascii=False))
     results["path"] = str(path)
     return results
 

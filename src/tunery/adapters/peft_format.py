@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_output
 from .lora import LoRALinear, lora_layers
 
 PREFIX = "base_model.model."
@@ -60,14 +58,11 @@ def adapter_config(model: nn.Module, base_model_path: str, modules_to_save: list
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str, modules_to_save: list[str] | None = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors atomically."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     state = {k: v.float() if v.dtype == torch.float32 else v for k, v in adapter_state(model, modules_to_save).items()}
-    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(model, base_model_path, modules_to_save), indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    with atomic_output(out, folder=True) as tmp:
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(model, base_model_path, modules_to_save),
+                                                            indent=2))
     return out
 
 

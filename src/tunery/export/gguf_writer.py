@@ -9,8 +9,6 @@ Tensor names come from gguf's HF-to-GGUF name map. Two layout changes follow lla
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from gguf import (
 )
 from gguf.quants import quantize
 
+from ..atomic import atomic_output
 from .gguf_vocab import build_vocab
 from .kquants import quantize_k
 
@@ -206,12 +205,7 @@ def write_gguf(tensors: Iterable[tuple[str, torch.Tensor]], hf_config: dict[str,
     qtype, ftype = QUANT_TYPES[quant]
     dc = decoder_config(hf_config)
     arch = GGUF_ARCH[mt]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_output(out) as tmp:
         w = GGUFWriter(str(tmp), MODEL_ARCH_NAMES[arch], use_temp_file=True)
         w.add_type("model")
         w.add_name(name or "model")
@@ -228,11 +222,7 @@ def write_gguf(tensors: Iterable[tuple[str, torch.Tensor]], hf_config: dict[str,
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return Path(out)
 
 
 def folder_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,16 +8,15 @@ model where a model is expected.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+
+from ..atomic import atomic_output
 
 # model_type -> architectures entry, for configs that lack it (the GGUF-converted default has none)
 ARCHITECTURES = {
@@ -143,9 +142,7 @@ def save_model_folder(model: nn.Module, base_path: str | Path | None, tokenizer:
                       dtype: torch.dtype | None = None, max_shard_bytes: int | str = 5 * 10**9) -> Path:
     """Write `model` (own decoder or transformers fallback; LoRA layers are folded in) as an HF folder."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_output(out, folder=True) as tmp:
         state = hf_state_dict(model)
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -157,10 +154,4 @@ def save_model_folder(model: nn.Module, base_path: str | Path | None, tokenizer:
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -19,8 +19,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..adapters.lora import adapters_disabled, lora_layers
+from ..atomic import write_text
 from .sequences import flat_rows_batch, forward_hidden, sequence_logps
 
 LORA_TENSORS = (".lora_A", ".lora_B")
@@ -121,14 +120,6 @@ def precompute_key(method: str, fingerprint: str, model: nn.Module, extra: Any =
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -170,7 +161,7 @@ def precompute_into_rows(
                         for f in fields:
                             values[f].extend(part[f])
                 if path is not None:
-                    _atomic_write(path, json.dumps(values))
+                    write_text(path, json.dumps(values))
             for i, r in enumerate(rows):
                 for f in fields:
                     r[f] = values[f][i]

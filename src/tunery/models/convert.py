@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..atomic import share
+
 
 def convert_gguf(gguf: Path, out: Path) -> None:
     import torch
@@ -38,6 +40,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
+        share(tmp)
         try:
             os.rename(tmp, out)
         except OSError:

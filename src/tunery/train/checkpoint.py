@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_output
 from .optim import trainable_parameters
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -36,30 +35,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def publish(tmp: Path, ckpt_dir: Path) -> None:
-    """Make the finished temp folder `tmp` the checkpoint `ckpt_dir`: its files synced, then one rename, so a
-    crash leaves the old checkpoint or the new one, never half of one."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    os.rename(tmp, ckpt_dir)
-    _fsync_dir(ckpt_dir.parent)
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in trainable_parameters(model)}
 
@@ -71,19 +46,13 @@ def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, trai
     `write_weights(folder)` writes the user-facing weights (adapter/ or model/) into the checkpoint too.
     """
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ckpt_dir.name}.tmp", dir=ckpt_dir.parent))
-    try:
+    with atomic_output(ckpt_dir, folder=True, sync=True) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         if write_weights is not None:
             write_weights(tmp)
-        publish(tmp, ckpt_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ckpt_dir
 
 

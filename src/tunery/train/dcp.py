@@ -36,7 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .checkpoint import load_checkpoint, publish, rng_state, set_rng_state
+from ..atomic import publish
+from .checkpoint import load_checkpoint, rng_state, set_rng_state
 from .distributed import reshard
 from .optim import trainable_parameters
 from .parallel import is_sharded, sharded_state_dicts
@@ -118,7 +119,7 @@ def save(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, trainer_state: 
         _barrier()  # every rank's shards are on disk (or someone failed)
         if rank == 0:
             if ok:
-                publish(tmp, ckpt_dir)
+                publish(tmp, ckpt_dir, sync=True)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
         _barrier()

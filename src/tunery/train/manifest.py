@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_text
+
 
 def config_hash(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
@@ -69,6 +71,4 @@ def build_manifest(resolved: dict[str, Any], data_files: dict[str, str], data_fi
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from ..atomic import write_text
 
 
 class MetricsLogger:
@@ -32,9 +33,7 @@ class MetricsLogger:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a half-written last line from a crash
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(k + "\n" for k in keep))
 
     def _setup_trackers(self, run_dir: Path, cfg: Any) -> None:
         if getattr(cfg, "use_tensorboard", False):
