@@ -26,6 +26,7 @@ from gguf import (
     get_tensor_name_map,
 )
 from gguf.quants import quantize
+from tqdm.auto import tqdm
 
 from ..atomic import atomic_output
 from .gguf_vocab import build_vocab
@@ -214,10 +215,14 @@ def write_gguf(tensors: Iterable[tuple[str, torch.Tensor]], hf_config: dict[str,
             w.add_quantization_version(GGML_QUANT_VERSION)
         _hparams(w, hf_config)
         build_vocab(tokenizer, dc.vocab_size, hf_config).write(w)
+        # k-quants of an 8B model take minutes on a few CPU cores: show that it moves
+        bar = tqdm(desc=f"GGUF {quant}", unit=" tensors", dynamic_ncols=True, leave=False)
         for gname, t in gguf_tensors(tensors, hf_config):
             ttype = tensor_type(gname, quant, dc.num_layers, tuple(t.shape), dc.tie_word_embeddings)
             arr = _encode(t, ttype)
             w.add_tensor(gname, arr, raw_dtype=ttype if ttype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else None)
+            bar.update(1)
+        bar.close()
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
