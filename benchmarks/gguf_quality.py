@@ -1,9 +1,9 @@
 """What each GGUF quant type costs the embedded SmolLM2-135M-Instruct: file size, export time, and the
 model's perplexity on held-out GSM8K answers when transformers reads the file back (gguf_file=),
 next to the fp32 model's. With `--llama-cpp` (needs llama-cpp-python, built from source by pip), also
-llama.cpp's own perplexity of each file, and Tunery's q4_k_m / q6_k set against llama.cpp's quantizer.
+llama.cpp's own perplexity of each file, and Tunery's k-quants set against llama.cpp's quantizer.
 
-Besides Tunery's types (f16, q8_0, q6_k, q4_k_m) the uniform Q4_0 / Q4_1 / Q5_0 files that the `gguf`
+Besides Tunery's types (f16, q8_0, q6_k, q5_k_m, q4_k_m) the uniform Q4_0 / Q4_1 / Q5_0 files that the `gguf`
 package can write are measured too. Read them with care: the embedded model ships as a Q4_1 GGUF (Q8_0
 embedding), so its block weights sit on Q4_1's grid and a Q4_1 file of them is lossless; every other type
 re-quantizes them. SmolLM2's rows (576) do not fit k-quant blocks of 256 either, so most of its q4_k_m
@@ -96,7 +96,7 @@ def _gguf_arrays(path: Path) -> dict[str, tuple]:
 
 
 def against_llama_cpp(folder: Path, tag: str, tmp: Path) -> list[dict]:
-    """Tunery's q4_k_m / q6_k next to llama.cpp's own quantizer (llama_model_quantize) run on Tunery's f32
+    """Tunery's k-quants next to llama.cpp's own quantizer (llama_model_quantize) run on Tunery's f32
     file of the same model: the tensor types each picks, the file sizes, and the relative RMS error of all
     matrices against the f32 values."""
     import llama_cpp
@@ -106,7 +106,8 @@ def against_llama_cpp(folder: Path, tag: str, tmp: Path) -> list[dict]:
     ref = _gguf_arrays(gguf_from_folder(folder, tmp / "f32.gguf", "f32"))
     mats = [n for n, (_, a) in ref.items() if a.ndim == 2]
     rows = []
-    for quant, ftype in (("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M), ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K)):
+    for quant, ftype in (("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M), ("q5_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M),
+                         ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K)):
         ours_path = gguf_from_folder(folder, tmp / f"ours-{quant}.gguf", quant)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.nthread = ftype, os.cpu_count() or 1
@@ -153,7 +154,7 @@ def weight_like_llama(folder: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=40)
-    ap.add_argument("--types", default="f16,q8_0,q6_k,q4_k_m,q5_0,q4_1,q4_0")
+    ap.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q5_0,q4_1,q4_0")
     ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp's perplexity (needs llama_cpp)")
     args = ap.parse_args()
 

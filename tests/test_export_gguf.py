@@ -194,7 +194,7 @@ def test_spm_tokenizer_roundtrip(tmp_path):
 
 
 def test_unknown_quant_lists_types():
-    with pytest.raises(ValueError, match="f16, bf16, q8_0, q6_k, q4_k_m"):
+    with pytest.raises(ValueError, match="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m"):
         check_quant("q3_k_s")
     assert check_quant("Q4_K_M") == "q4_k_m"
 

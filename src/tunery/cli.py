@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export to GGUF or Ollama", description="export to GGUF or Ollama")
     e.add_argument("run", metavar="RUN")
     e.add_argument("--format", choices=["gguf", "ollama", "safetensors"], default="gguf")
-    e.add_argument("--quant", default="f16", help="f16, bf16, q8_0, q6_k, q4_k_m or f32")
+    e.add_argument("--quant", default="f16", help="f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or f32")
     e.add_argument("--out", default=None)
     e.set_defaults(fn=cmd_export)
 

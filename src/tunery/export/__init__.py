@@ -1,4 +1,4 @@
-"""Export: merged safetensors folders, GGUF (f16, bf16, q8_0, q6_k, q4_k_m, f32) and Ollama (GGUF + Modelfile)."""
+"""Export: merged safetensors folders, GGUF (f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, f32) and Ollama (GGUF + Modelfile)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def export_ollama(target: str | Path, out: str | Path | None = None, quant: str 
 
 
 def export_run(run: str | Path | Namespace, fmt: str = "gguf", quant: str = "f16", out: str | Path | None = None) -> Path:
-    """`tunery export RUN --format gguf|ollama|safetensors --quant f16|bf16|q8_0|q6_k|q4_k_m|f32 [--out PATH]`."""
+    """`tunery export RUN --format gguf|ollama|safetensors --quant f16|bf16|q8_0|q6_k|q5_k_m|q4_k_m|f32 [--out PATH]`."""
     if isinstance(run, Namespace):
         ns = run
         run, fmt, quant, out = ns.run, getattr(ns, "format", fmt), getattr(ns, "quant", quant), getattr(ns, "out", out)

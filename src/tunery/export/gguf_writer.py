@@ -44,13 +44,15 @@ QUANT_TYPES = {
     "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
     "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "q6_k": (GGMLQuantizationType.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "q5_k_m": (GGMLQuantizationType.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
     "q4_k_m": (GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
 }
+_KQUANTS = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
 # what a matrix whose rows do not fit a type's block takes instead (llama.cpp's choices)
-_FALLBACK = {GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0,
-             GGMLQuantizationType.Q5_0: GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0: GGMLQuantizationType.F16}
-_BLOCK = {GGMLQuantizationType.Q4_K: 256, GGMLQuantizationType.Q6_K: 256, GGMLQuantizationType.Q5_0: 32,
-          GGMLQuantizationType.Q8_0: 32}
+_FALLBACK = {GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_K: GGMLQuantizationType.Q5_1,
+             GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0: GGMLQuantizationType.F16,
+             GGMLQuantizationType.Q5_1: GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0: GGMLQuantizationType.F16}
+_BLOCK = {**dict.fromkeys(_KQUANTS, 256), **dict.fromkeys(_FALLBACK.keys() - set(_KQUANTS), 32)}
 
 
 def check_quant(quant: str) -> str:
@@ -62,19 +64,20 @@ def check_quant(quant: str) -> str:
 
 
 def _more_bits(layer: int, n_layers: int) -> bool:
-    """The layers whose attn_v / ffn_down a Q4_K_M file keeps in Q6_K: the first and last eighth, and every
+    """The layers whose attn_v / ffn_down a Q4_K_M or Q5_K_M file keeps in Q6_K: the first and last eighth, and every
     third one between (the usual Q4_K_M mix)."""
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
 def tensor_type(gname: str, quant: str, n_layers: int, shape: tuple[int, ...], tied: bool) -> GGMLQuantizationType:
-    """The GGUF type of one tensor: 1-D tensors (norms, biases, rope factors) stay F32; a Q4_K_M file puts
-    the output matrix (the token embedding when tied) and half the layers' attn_v and ffn_down in Q6_K; a
-    matrix whose rows do not fit the type's block falls back (Q4_K -> Q5_0, Q6_K or Q5_0 -> Q8_0 or F16)."""
+    """The GGUF type of one tensor: 1-D tensors (norms, biases, rope factors) stay F32; a Q4_K_M / Q5_K_M
+    file puts the output matrix (the token embedding when tied) and half the layers' attn_v and ffn_down in
+    Q6_K; a matrix whose rows do not fit the type's block falls back (Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0; those -> F16)."""
     qtype = QUANT_TYPES[quant][0]
     if len(shape) < 2 or gname == "rope_freqs.weight" or qtype == GGMLQuantizationType.F32:
         return GGMLQuantizationType.F32
-    if quant == "q4_k_m":
+    if quant in ("q4_k_m", "q5_k_m"):
         parts = gname.split(".")
         if gname == "output.weight" or (tied and gname == "token_embd.weight"):
             qtype = GGMLQuantizationType.Q6_K
@@ -148,7 +151,7 @@ def _encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
         return t.numpy().astype(np.float32)
     if qtype == GGMLQuantizationType.F16:
         return t.numpy().astype(np.float16)
-    if qtype in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K):
+    if qtype in _KQUANTS:
         return quantize_k(t.reshape(-1, t.shape[-1]), qtype.name.lower())
     return quantize(t.numpy(), qtype)
 
