@@ -226,9 +226,9 @@ def write_gguf(tensors: Iterable[tuple[str, torch.Tensor]], hf_config: dict[str,
             ttype = tensor_type(gname, quant, dc.num_layers, tuple(t.shape), dc.tie_word_embeddings)
             arr = _encode(t, ttype)
             w.add_tensor(gname, arr, raw_dtype=ttype if ttype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else None)
-            if gname.startswith("blk.") and gname.split(".")[1] not in blocks:
+            if gname.startswith("blk."):
                 blocks.add(gname.split(".")[1])
-                bar.update(1)
+                bar.update(len(blocks) - bar.n)
         bar.close()
         w.write_header_to_file()
         w.write_kv_data_to_file()
