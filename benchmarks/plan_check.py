@@ -32,6 +32,8 @@ SHAPES = {  # public shapes (vocab taken from the tokenizer)
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
     "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "gemma-2-2b": dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, tie_word_embeddings=True),
     "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
@@ -46,6 +48,19 @@ CASES = {  # name: (shape, config keys)
     "full-ckpt": ("llama-3.2-1b", dict(sequence_len=2048, micro_batch_size=2, gradient_checkpointing=True)),
     "qwen-lora": ("qwen2.5-0.5b", dict(adapter="lora", lora_r=16, sequence_len=4096, micro_batch_size=2,
                                        gradient_checkpointing=True)),
+    # tenth session: DoRA on a 4-bit base, streamed 4-bit weights, Gemma-2 (softcaps, sliding window,
+    # head_dim 256), 16-bit LoRA with every activation offloaded
+    "qlora-dora": ("llama-3.2-1b", dict(adapter="qlora", load_in_4bit=True, lora_r=16, peft_use_dora=True,
+                                        sequence_len=4096, micro_batch_size=2, gradient_checkpointing=True)),
+    "qlora-stream": ("llama-3.2-1b", dict(adapter="qlora", load_in_4bit=True, lora_r=16, sequence_len=4096,
+                                          micro_batch_size=2, gradient_checkpointing="offload",
+                                          offload_strategy="activations", offload_keep_on_gpu=4,
+                                          offload_weights=8)),
+    "gemma2-lora": ("gemma-2-2b", dict(adapter="lora", lora_r=16, sequence_len=2048, micro_batch_size=2,
+                                       gradient_checkpointing=True)),
+    "qwen-offload-acts": ("qwen2.5-0.5b", dict(adapter="lora", lora_r=8, sequence_len=8192, micro_batch_size=1,
+                                               gradient_checkpointing="offload", offload_strategy="activations",
+                                               offload_keep_on_gpu=2)),
 }
 
 

@@ -35,12 +35,16 @@ def smol_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, smol_path) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer and chat template (so real text tokenizes)."""
+def tiny_llama(tmp_path_factory, request) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (so real text tokenizes).
+
+    TUNERY_TEST_TOKENIZER (a folder with SmolLM2's tokenizer files) stands in for the embedded model on a
+    machine that has no copy of it (the GPU machine: its 98 MB GGUF does not travel with the tests)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(str(smol_path))
+    tok_dir = os.environ.get("TUNERY_TEST_TOKENIZER") or request.getfixturevalue("smol_path")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,

@@ -100,7 +100,10 @@ class LoRALinear(nn.Module):
             del w  # the dequantized copy dies here
             base_linear = self.weight.linear
         out = base_linear(x, self.bias)
-        mag = (self.lora_magnitude.to(x.dtype) / norm).view(*([1] * (x.dim() - 1)), -1)
+        # in the activations' dtype: under autocast the norm comes out fp32, and an fp32 scale would make
+        # the layer's output, everything saved after it and the residual stream fp32 (twice the memory;
+        # peft casts its result back to the base output's dtype for the same reason)
+        mag = (self.lora_magnitude / norm).to(out.dtype).view(*([1] * (x.dim() - 1)), -1)
         dropped = self.dropout_p and self.training
         h = F.dropout(x, self.dropout_p, True) if dropped else x
         base = base_linear(h) if dropped else (out - self.bias if self.bias is not None else out)

@@ -1,0 +1,110 @@
+"""DoRA's peak GPU memory against the planner, and what is live at each peak (tenth session).
+
+    python benchmarks/dora_peak.py dora 4096 2      # QLoRA + DoRA, seq 4096 x micro-batch 2
+    python benchmarks/dora_peak.py dora16 4096 2    # 16-bit LoRA + DoRA
+    python benchmarks/dora_peak.py lora 4096 2      # QLoRA without DoRA (the fused path), for comparison
+
+Random weights of the Llama-3.2-1B shape (vocab 49,152), r=16 on all seven linears, fp32 adapters, bf16
+autocast, gradient checkpointing on, the fused loss; two warm-up steps, then the peak of one step
+(torch.cuda.max_memory_allocated) beside `tunery.train.plan`'s prediction, and the live allocations at
+the forward, loss and backward peaks by source line (peak_breakdown.py's replay). This is how DoRA's
+fp32 outputs were found: every DoRA layer returned fp32 under autocast (the norm is fp32 there), so the
+residual stream and everything saved after it doubled. Needs TUNERY_TEST_TOKENIZER or the embedded
+model for the tokenizer files. CUDA only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SHAPE = dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+             num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _site(e: dict) -> str:
+    keep = [f for f in e.get("frames", []) if "tunery" in f["filename"] or "torch/nn" in f["filename"]]
+    return " <- ".join(f"{os.path.basename(f['filename'])}:{f['line']}:{f['name']}" for f in keep[:3]) or "?"
+
+
+def main() -> None:
+    if len(sys.argv) != 4 or sys.argv[1] not in ("dora", "dora16", "lora"):
+        raise SystemExit(__doc__)
+    if not torch.cuda.is_available():
+        raise SystemExit("dora_peak.py needs CUDA")
+    import peak_breakdown as pb
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunery.adapters import inject_lora, reset_dora_magnitudes
+    from tunery.kernels.cross_entropy import linear_cross_entropy
+    from tunery.models import load_model, resolve_model_path
+    from tunery.quant import quantize_model
+    from tunery.train.activations import apply_checkpointing
+    from tunery.train.plan import ModelShape, Setup, estimate, peak_bytes
+
+    mode, seq, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    dora, quant = mode.startswith("dora"), mode != "dora16"
+    tok = Path(os.environ.get("TUNERY_TEST_TOKENIZER") or resolve_model_path("default"))
+    d = Path(tempfile.mkdtemp())
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SHAPE), dtype=torch.bfloat16).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / f, d / f)
+    model = load_model(str(d), torch.bfloat16, "cpu").model
+    inject_lora(model, TARGETS, 16, 32, 0.0, use_dora=dora)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.to("cuda")
+    if quant:
+        quantize_model(model, compute_dtype=torch.bfloat16)
+        if dora:
+            reset_dora_magnitudes(model)
+    apply_checkpointing(model, True)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            h = model(ids)
+            loss = linear_cross_entropy(h.reshape(-1, h.shape[-1])[:-1], model.head_weight, ids.reshape(-1)[1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    shape = ModelShape.from_hf(dict(SHAPE, model_type="llama"))
+    s = Setup(seq_len=seq, micro_batch=batch, adapter="qlora" if quant else "lora", lora_r=16, checkpointing=True,
+              mlp_chunk=8192, dora=dora)
+    pred = peak_bytes(shape, s) / 2**30
+    start = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=500_000)
+    step()
+    torch.cuda.synchronize()
+    events = torch.cuda.memory._snapshot()["device_traces"][0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    pb._site = _site
+    print({k: round(v["bytes"] / 2**30, 3) for k, v in estimate(shape, s).items()})
+    print(f"{mode} seq {seq} x {batch}: peak {peak:.3f} GiB, planner {pred:.3f} ({pred / peak - 1:+.1%}), "
+          f"at step start {start / 2**30:.3f}")
+    print("\n".join(pb.breakdown(events, start, top=25)))
+
+
+if __name__ == "__main__":
+    main()
