@@ -93,17 +93,11 @@ def main() -> None:
     s = Setup(seq_len=seq, micro_batch=batch, adapter="qlora" if quant else "lora", lora_r=16, checkpointing=True,
               mlp_chunk=8192, dora=dora)
     pred = peak_bytes(shape, s) / 2**30
-    start = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=500_000)
-    step()
-    torch.cuda.synchronize()
-    events = torch.cuda.memory._snapshot()["device_traces"][0]
-    torch.cuda.memory._record_memory_history(enabled=None)
-    pb._site = _site
+    start, events = pb.record(step)
     print({k: round(v["bytes"] / 2**30, 3) for k, v in estimate(shape, s).items()})
     print(f"{mode} seq {seq} x {batch}: peak {peak:.3f} GiB, planner {pred:.3f} ({pred / peak - 1:+.1%}), "
           f"at step start {start / 2**30:.3f}")
-    print("\n".join(pb.breakdown(events, start, top=25)))
+    print("\n".join(pb.breakdown(events, start, top=25, site=_site)))
 
 
 if __name__ == "__main__":

@@ -46,8 +46,20 @@ def _phases(events: list[dict]) -> list[str]:
     return out
 
 
-def breakdown(events: list[dict], start: int, top: int = 12) -> list[str]:
-    """Per phase: the highest live total (allocated before the trace counts as `start`) and its sites."""
+def record(step) -> tuple[int, list[dict]]:
+    """(bytes allocated before, the allocator's events) of one call of `step` (CUDA)."""
+    start = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=500_000)
+    step()
+    torch.cuda.synchronize()
+    events = torch.cuda.memory._snapshot()["device_traces"][0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    return start, events
+
+
+def breakdown(events: list[dict], start: int, top: int = 12, site=_site) -> list[str]:
+    """Per phase: the highest live total (allocated before the trace counts as `start`) and its sites,
+    named by `site(event)`."""
     phases = _phases(events)
     live: dict[int, dict] = {}
     cur, best = 0, {}
@@ -69,13 +81,13 @@ def breakdown(events: list[dict], start: int, top: int = 12) -> list[str]:
                 live.pop(e["addr"], None)
         groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
         for e in live.values():
-            g = groups[_site(e)]
+            g = groups[site(e)]
             g[0] += e["size"]
             g[1] += 1
         total = start + sum(e["size"] for e in live.values())
-        lines.append(f"  {phase} peak {total / M.GiB:.3f} GiB at {_site(events[i])}")
-        for site, (nbytes, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
-            lines.append(f"    {nbytes / 2**20:8.1f} MiB {n:4d}  {site}")
+        lines.append(f"  {phase} peak {total / M.GiB:.3f} GiB at {site(events[i])}")
+        for where, (nbytes, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+            lines.append(f"    {nbytes / 2**20:8.1f} MiB {n:4d}  {where}")
     return lines
 
 
@@ -111,12 +123,7 @@ def main() -> None:
     torch.cuda.synchronize()
     tok_s = args.steps * spec["batch"] * spec["seq"] / (time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated()
-    start = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=500_000)
-    one()
-    torch.cuda.synchronize()
-    events = torch.cuda.memory._snapshot()["device_traces"][0]
-    torch.cuda.memory._record_memory_history(enabled=None)
+    start, events = record(one)
     fn = model.model.checkpoint_fn
     head = (f"keep_on_gpu {spec.get('keep_on_gpu')} save_kept {spec.get('save_kept')} save_off {spec.get('save_off')}"
             f" | {tok_s:.0f} tok/s | peak {peak / M.GiB:.3f} GiB (planner {M.predict(spec):.3f}) | at step start "

@@ -19,6 +19,7 @@ from tunery.adapters import (
 from tunery.models import load_model
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # conftest skips gpu-marked tests without CUDA
 
 
 def _peft_dora(tiny_llama, seed=0):
@@ -191,7 +192,7 @@ def test_planner_counts_what_dora_saves(tiny_llama):
     assert 0 <= (q_dora - q_lora) - q_extra <= vectors, (q_extra, q_dora - q_lora, vectors)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("device", DEVICES)
 def test_dora_on_a_4bit_base_saves_no_dequantized_weight(tiny_llama, device):
     """Autograd keeps no [out, in] tensor of a DoRA layer over a 4-bit base: under activation offload
     each one would be shipped to host memory at every forward."""
@@ -216,7 +217,7 @@ def test_dora_on_a_4bit_base_saves_no_dequantized_weight(tiny_llama, device):
     assert all(m.lora_magnitude.grad is not None for m in lora_layers(lm.model).values())
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("device", DEVICES)
 def test_dora_on_a_4bit_base_has_the_gradients_of_its_dequantized_weights(tiny_llama, device):
     """QLoRA + DoRA: the same forward and gradients as DoRA over 16-bit weights equal to the 4-bit ones."""
     from tunery.quant import quantize_model
@@ -246,8 +247,7 @@ def test_dora_on_a_4bit_base_has_the_gradients_of_its_dequantized_weights(tiny_l
             assert (pq.grad - pd.grad).abs().max() < 1e-5, name
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("quantized", [False, True])
 def test_dora_keeps_the_activation_dtype_under_autocast(tiny_llama, quantized, device, monkeypatch):
     """bf16 weights, fp32 adapters and autocast (the trainer's setting): the norm comes out fp32 there,
