@@ -4,7 +4,7 @@
     python benchmarks/dora_peak.py dora16 4096 2    # 16-bit LoRA + DoRA
     python benchmarks/dora_peak.py lora 4096 2      # QLoRA without DoRA (the fused path), for comparison
 
-Random weights of the Llama-3.2-1B shape (vocab 49,152), r=16 on all seven linears, fp32 adapters, bf16
+Random weights of the Llama-3.2-1B shape (plan_check.py's model folder, the tokenizer's vocab), r=16 on all seven linears, fp32 adapters, bf16
 autocast, gradient checkpointing on, the fused loss; two warm-up steps, then the peak of one step
 (torch.cuda.max_memory_allocated) beside `tunery.train.plan`'s prediction, and the live allocations at
 the forward, loss and backward peaks by source line (peak_breakdown.py's replay). This is how DoRA's
@@ -15,8 +15,8 @@ model for the tokenizer files. CUDA only.
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,8 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SHAPE = dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-             num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -43,7 +41,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("dora_peak.py needs CUDA")
     import peak_breakdown as pb
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import plan_check
 
     from tunery.adapters import inject_lora, reset_dora_magnitudes
     from tunery.kernels.cross_entropy import linear_cross_entropy
@@ -55,11 +53,9 @@ def main() -> None:
     mode, seq, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     dora, quant = mode.startswith("dora"), mode != "dora16"
     tok = Path(os.environ.get("TUNERY_TEST_TOKENIZER") or resolve_model_path("default"))
-    d = Path(tempfile.mkdtemp())
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SHAPE), dtype=torch.bfloat16).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok / f, d / f)
-    model = load_model(str(d), torch.bfloat16, "cpu").model
+    folder = plan_check.build_model("llama-3.2-1b", tok, Path(tempfile.mkdtemp()) / "model")
+    hf = json.loads((folder / "config.json").read_text())
+    model = load_model(str(folder), torch.bfloat16, "cpu").model
     inject_lora(model, TARGETS, 16, 32, 0.0, use_dora=dora)
     for p in model.parameters():
         if p.requires_grad:
@@ -72,7 +68,7 @@ def main() -> None:
     apply_checkpointing(model, True)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq), device="cuda")
+    ids = torch.randint(0, hf["vocab_size"], (batch, seq), device="cuda")
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -89,7 +85,7 @@ def main() -> None:
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30
-    shape = ModelShape.from_hf(dict(SHAPE, model_type="llama"))
+    shape = ModelShape.from_hf(hf)
     s = Setup(seq_len=seq, micro_batch=batch, adapter="qlora" if quant else "lora", lora_r=16, checkpointing=True,
               mlp_chunk=8192, dora=dora)
     pred = peak_bytes(shape, s) / 2**30
