@@ -73,7 +73,7 @@ def planner_setup(spec: dict):
                  embed_on_cpu=spec.get("embed_on_cpu", True), mlp_recompute=spec.get("mlp_recompute", False),
                  ignored_labels=False, offload_strategy=spec.get("offload", "inputs"),
                  mlp_save_kept=spec.get("save_kept", 0), mlp_save_offloaded=spec.get("save_off", 0),
-                 stream_weights=spec.get("stream_weights", 0))
+                 stream_weights=spec.get("stream_weights", 0), weights_mode=spec.get("weights_mode", "stream"))
 
 
 def predict(spec: dict) -> float:
@@ -125,6 +125,13 @@ def _saves_within(spec: dict, budget: float) -> int:
     return best_save_kept(ModelShape.from_hf(spec["model"]), planner_setup(spec), int(budget))
 
 
+def _gap_within(spec: dict, budget: float) -> tuple[int, int, int] | None:
+    """(offload_weights, keep_on_gpu, save_kept) with offload_weights_mode gap, by the planner."""
+    from tunery.train.plan import ModelShape, best_weight_gap
+
+    return best_weight_gap(ModelShape.from_hf(spec["model"]), planner_setup(spec), int(budget))
+
+
 def build_tunery(spec: dict, device: str):
     import torch
 
@@ -162,7 +169,8 @@ def build_tunery(spec: dict, device: str):
     apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"),
                         keep_on_gpu=spec.get("keep_on_gpu", 0), offload=spec.get("offload", "inputs"),
                         save_mlp="auto" if save_off == "auto" else int(save_off),
-                        save_mlp_kept=spec.get("save_kept", 0), stream_weights=spec.get("stream_weights", 0))
+                        save_mlp_kept=spec.get("save_kept", 0), stream_weights=spec.get("stream_weights", 0),
+                        weights_mode=spec.get("weights_mode", "stream"))
     model.train()
     from tunery.kernels import host_copy, with_host_copy
     from tunery.kernels.cross_entropy import linear_cross_entropy
@@ -583,8 +591,10 @@ def fmt(r: dict) -> str:
 
 
 def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 4,
-               steps: int = 10, cpu: bool = False, phases: bool = False, loss_sync: str = "end") -> dict:
-    """A speed-part worker's settings for one stack (also benchmarks/step_lead.py's)."""
+               steps: int = 10, cpu: bool = False, phases: bool = False, loss_sync: str = "end",
+               overrides: dict | None = None) -> dict:
+    """A speed-part worker's settings for one stack (also benchmarks/step_lead.py's); `overrides` (--set)
+    apply to tunery stacks before the planner picks the offload settings they leave open."""
     base = "tunery_act" if stack == "tunery_nokcat" else stack  # LoRA B outside the base GEMM
     spec = dict(stack=stack, mode=mode, seq=seq, batch=batch, model=model, warmup=warmup, steps=steps,
                 ckpt="offload", cpu=cpu, offload="activations" if base == "tunery_act" else "inputs",
@@ -593,10 +603,19 @@ def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: 
         spec["save_off"], spec["save_kept"] = "auto", 1
     if stack == "tunery_nokcat":
         spec["kcat"] = False
-    if base == "tunery_act" and not smoke:  # the kept blocks' activations stay on the GPU: as many as fit,
-        budget = TARGETS["peak_gib"] * GiB  # then as many of them keeping gate/up as fit (the planner errs high)
-        spec["keep_on_gpu"] = _keep_within(spec, budget)
-        spec["save_kept"] = _saves_within(spec, budget)
+    fixed = dict(overrides or {}) if stack.startswith("tunery") else {}
+    spec.update(fixed)
+    if base == "tunery_act" and not smoke:  # what `tunery plan` suggests under 7 GiB (it errs high)
+        budget = TARGETS["peak_gib"] * GiB
+        gap = _gap_within(spec, budget) if spec.get("gap", True) and "stream_weights" not in fixed else None
+        if gap and not {"keep_on_gpu", "save_kept"} & fixed.keys():  # the first blocks' 4-bit weights off the
+            n, keep, saves = gap                                     # GPU around the peak, for less recompute
+            spec.update(stream_weights=n, weights_mode="gap", keep_on_gpu=keep, save_kept=saves)
+        else:  # the kept blocks' activations stay on the GPU: as many as fit, then as many keeping gate/up
+            if "keep_on_gpu" not in fixed:
+                spec["keep_on_gpu"] = _keep_within(spec, budget)
+            if "save_kept" not in fixed:
+                spec["save_kept"] = _saves_within(spec, budget)
     return spec
 
 
@@ -620,9 +639,8 @@ def part_speed(args, stacks, modes) -> dict:
                         print(f"  {key:<40} skipped: {why}", flush=True)
                     continue
                 spec = speed_spec(stack, mode, model, seq, batch, smoke=args.smoke, warmup=args.warmup,
-                                  steps=args.steps, cpu=args.cpu, phases=args.phases, loss_sync=args.loss_sync)
-                if stack.startswith("tunery"):
-                    spec.update(args.set)
+                                  steps=args.steps, cpu=args.cpu, phases=args.phases, loss_sync=args.loss_sync,
+                                  overrides=dict(args.set))
                 if (args.profile or args.trace) and stack.startswith("tunery") and os.environ.get("OUT") and rnd == 0:
                     spec["profile"] = str(Path(os.environ["OUT"]) / f"profile_{stack}_{mode}{args.tag}.txt")
                     spec["trace"] = args.trace

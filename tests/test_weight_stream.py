@@ -266,3 +266,128 @@ def test_planner_suggests_streaming_before_smaller_micro_batches():
     assert not any("use adapter: qlora" in x for x in r.suggestions), r.suggestions
     lora = plan_shapes(LLAMA_8B, replace(s, adapter="lora", double_quant=False), budget + CONTEXT_RESERVE)
     assert not any("offload_weights" in x for x in lora.suggestions), lora.suggestions
+
+
+# ------------------------------------------------------------------ offload_weights_mode: gap (WeightGap)
+def test_gap_returns_each_dropped_block_once_and_ahead_of_its_backward():
+    from tunery.train.weight_stream import gap_returns
+
+    for layers, n, keep in [(32, 16, 0), (32, 20, 1), (32, 5, 0), (32, 1, 0), (32, 30, 0), (6, 4, 0), (3, 1, 0),
+                            (32, 16, 7), (32, 20, 9), (32, 5, 7), (32, 24, 11)]:
+        sched = gap_returns(layers, n, keep)
+        back = [b for start in sorted(sched, reverse=True) for b in sched[start]]
+        assert back == list(range(n - 1, -1, -1))  # needed first, back first
+        lo = layers - keep if keep >= 2 and layers - keep >= n else n  # the kept blocks' backward if it can
+        assert all(lo <= start <= layers - 2 and all(b < start for b in bs) for start, bs in sched.items())
+        assert max(len(bs) for bs in sched.values()) == -(-n // (layers - 1 - lo))
+    assert gap_returns(32, 16, 7)[25] == [2, 1, 0] and min(gap_returns(32, 16, 7)) == 25
+    assert gap_returns(32, 0) == {}
+    with pytest.raises(ValueError, match="at most"):
+        gap_returns(32, 31)
+
+
+@pytest.mark.parametrize("strategy", ["activations", "inputs"])
+def test_gap_weights_leave_after_forward_and_return_in_backward(monkeypatch, strategy):
+    import test_offload
+    import tunery.quant.nf4 as nf4
+
+    monkeypatch.setitem(test_offload.HF, "num_hidden_layers", 6)
+    base = _qmodel()
+    m0 = copy.deepcopy(base)
+    m0.train()
+    g0 = _run(m0)
+    m = copy.deepcopy(base)
+    m.train()
+    fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload=strategy, keep_on_gpu=1, stream_weights=3,
+                             weights_mode="gap")
+    fn.simulate, fn.min_bytes = True, 1024
+    ws = fn.weights
+    assert sorted(ws.blocks) == [0, 1, 2] and ws.schedule == {4: [2], 3: [1, 0]}
+    owner = {id(mod): i for i in range(6) for mod, _ in quantized_buffers(m.model.layers[i])}
+    events = []
+    real = nf4.NF4Weight.dequantize
+
+    def dequantize(self, *a, **k):
+        i = owner.get(id(self))
+        events.append(i)
+        if i in ws.blocks:  # a dropped block's weight in use: its buffers are the device copies
+            mine = [t for (mod, name, _), t in zip(ws.items[i], ws.gpu[i]) if mod is self and name == "packed"]
+            assert mine and self.packed is mine[0], i
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(nf4.NF4Weight, "dequantize", dequantize)
+    returned = []
+    orig_fetch = ws.fetch
+    monkeypatch.setattr(ws, "fetch", lambda i: (i in ws.gpu or returned.append((i, len(events))), orig_fetch(i)))
+    for step in range(2):
+        m.zero_grad(set_to_none=True)
+        events.clear()
+        returned.clear()
+        between = []
+        g = _run(m, spy=events, after_forward=lambda: between.append(sorted(ws.gpu)))
+        assert between == [[]]  # every dropped block's weights left after its forward
+        assert _max_diff(g, g0) < 1e-5
+        assert sorted(ws.gpu) == [0, 1, 2]  # all back after the backward, for the next forward
+        assert [i for i, _ in returned] == [2, 1, 0]
+        bwd = events[events.index("backward") + 1:]
+        first_use = {i: events.index("backward") + 1 + bwd.index(i) for i in range(5)}
+        at = dict(returned)  # 2 at block 4's backward start, 1 and 0 both at block 3's
+        assert at[2] <= first_use[4] < at[1] == at[0] <= first_use[3] < first_use[2]
+        for i in range(3):  # the modules point at the device copies again
+            assert all(getattr(mod, name) is t for (mod, name, _), t in zip(ws.items[i], ws.gpu[i]))
+    # a forward with no backward, then evaluation: the blocks' pre-hooks bring the weights back
+    ids, pos = _batch()
+    m(ids, pos)
+    assert not ws.gpu
+    m.eval()
+    with torch.no_grad():
+        out = m(ids, pos)
+        ref = copy.deepcopy(base).eval()(ids, pos)
+    assert torch.allclose(out, ref, atol=1e-5) and sorted(ws.gpu) == [0, 1, 2]
+    apply_checkpointing(m, "offload", mlp_chunk=None, offload=strategy)  # detached: hooks off, weights in
+    assert not ws.handles and not ws.items
+    with pytest.raises(ValueError, match="stream or gap"):
+        apply_checkpointing(m, "offload", stream_weights=2, weights_mode="slots")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["activations", "inputs"])
+def test_gpu_gap_weights_match_resident_ones_and_leave_between_forward_and_backward(monkeypatch, strategy):
+    """CUDA, real copies back on the side stream: three steps give the gradients of the model with every
+    weight resident; after each forward the dropped blocks' 4-bit bytes are off the GPU (allocated memory
+    lower by exactly that), and after each backward they are all back."""
+    import test_offload
+
+    monkeypatch.setitem(test_offload.HF, "num_hidden_layers", 6)
+    base = _qmodel().cuda()
+    dropped = sum(-(-getattr(mod, name).numel() * getattr(mod, name).element_size() // 512) * 512  # allocator
+                  for i in range(3) for mod, name in quantized_buffers(base.model.layers[i]))      # granules
+    grads, after_fwd, after_bwd = [], [], []
+    for n in (0, 3):
+        m = copy.deepcopy(base)
+        m.train()
+        fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload=strategy, keep_on_gpu=1, stream_weights=n,
+                                 weights_mode="gap")
+        fn.min_bytes = 1024
+        for _ in range(3):
+            m.zero_grad(set_to_none=True)
+            ids, pos = (t.cuda() for t in _batch())
+            torch.manual_seed(7)
+            h = m(ids, pos)
+            torch.cuda.synchronize()
+            after_fwd.append(torch.cuda.memory_allocated())
+            if n:
+                assert not any(getattr(mod, name).is_cuda for i in range(3)
+                               for mod, name in quantized_buffers(m.model.layers[i]))
+            ((h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()).backward()
+            del h
+            torch.cuda.synchronize()
+            after_bwd.append(torch.cuda.memory_allocated())
+            if n:
+                assert all(getattr(mod, name).is_cuda for i in range(3) for mod, name in quantized_buffers(m.model.layers[i]))
+        grads.append({k: p.grad.cpu() for k, p in m.named_parameters() if p.requires_grad})
+        del m, fn
+    assert _max_diff(grads[1], grads[0]) < 1e-5
+    saved = [a - b for a, b in zip(after_fwd[:3], after_fwd[3:])]  # steady, from the first step
+    assert all(abs(x - dropped) <= 4096 for x in saved), (saved, dropped, after_fwd)
+    assert abs(after_bwd[2] - after_bwd[5]) <= 4096, after_bwd

@@ -52,9 +52,9 @@ class Config(
             if self.gradient_checkpointing != "offload" or not self.load_in_4bit:
                 problems.append("offload_weights streams the frozen 4-bit weights with the offloaded activations: "
                                 "it needs load_in_4bit: true and gradient_checkpointing: offload")
-            if self.rl == "grpo":
+            if self.rl == "grpo" and self.offload_weights_mode == "stream":
                 problems.append("offload_weights copies each block's weights in at every forward: not with rl: grpo "
-                                "(its rollouts run token by token)")
+                                "(its rollouts run token by token); offload_weights_mode: gap works there")
             if self.fsdp:
                 problems.append("offload_weights is for one GPU; FSDP already shards the weights (fsdp is set)")
         if problems:

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .weight_stream import WeightGap
+
 if TYPE_CHECKING:
     from .weight_stream import WeightStream
 
@@ -507,7 +509,7 @@ class OffloadCheckpoint:
         self._last: weakref.ref | None = None
         self._last_group: weakref.ref | None = None
         self.layer_index: dict[int, int] = {}
-        self.weights: WeightStream | None = None  # offload_weights: frozen 4-bit weights streamed (weight_stream.py)
+        self.weights: WeightStream | WeightGap | None = None  # offload_weights: frozen 4-bit weights (weight_stream.py)
         self._param_ptrs: dict[int, set[int]] = {}
         self.last_strategy: str | None = None
 
@@ -552,6 +554,7 @@ class OffloadCheckpoint:
             ws.new_forward()
         y = self._call(layer, x, rope, cu_seqlens, max_seqlen, idx)
         ws.backward_hook(y, idx)  # the block's weights come back when its backward starts
+        ws.after_forward(idx)
         return y
 
     def stop_streaming(self) -> None:
@@ -665,7 +668,9 @@ class OffloadCheckpoint:
 
     def _activations(self, layer, x, rope, cu_seqlens, max_seqlen, first: bool, idx: int) -> torch.Tensor:
         key = id(layer)
-        if key not in self._param_ptrs:  # frozen 16-bit weights are saved by the matmuls: never copy them
+        # frozen 16-bit weights are saved by the matmuls: never copy them. Looked up again each time when
+        # weights move (offload_weights_mode gap: a dropped block's old addresses go to activations)
+        if key not in self._param_ptrs or isinstance(self.weights, WeightGap):
             self._param_ptrs[key] = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
         shared = {t.untyped_storage().data_ptr() for t in _tensors((rope, cu_seqlens))}
         group = _ActGroup(self, self._param_ptrs[key] | shared, self.simulate)
@@ -783,7 +788,7 @@ def save_mlp_layers(num_layers: int, keep_on_gpu: int, kept: int = 0, offloaded:
 def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk: int | str | None = "auto",
                         keep_on_gpu: int = 0, offload: str = "inputs",
                         save_mlp: Iterable[int] | int | str = (), save_mlp_kept: int = 0,
-                        stream_weights: int = 0) -> Callable | None:
+                        stream_weights: int = 0, weights_mode: str = "stream") -> Callable | None:
     """Set gradient checkpointing for `model` (Tunery's decoder, or the transformers fallback).
 
     mode: False/None (off), True (recompute per block), "offload" (recompute, block inputs in CPU
@@ -799,7 +804,8 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     the shorter of two timed forwards carries (CUDA). `save_mlp_kept`: the last N of the kept blocks keep gate/up too
     (GPU memory; the planner's `best_save_kept` says how many fit). `stream_weights` (offload mode): the
     first N offloaded blocks keep their frozen 4-bit weights in host memory and copy them in for their
-    forward and backward (train/weight_stream.py).
+    forward and backward (`weights_mode` "stream"), or the first N blocks' leave the GPU after their
+    forward and come back during the backward ("gap"; train/weight_stream.py).
     Returns the installed checkpoint function (an OffloadCheckpoint for "offload").
     """
     if mode not in (None, False, True, "offload"):
@@ -818,6 +824,8 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
         return None
     if stream_weights and mode != "offload":
         raise ValueError("streaming weights from host memory needs gradient_checkpointing: offload")
+    if weights_mode not in ("stream", "gap"):
+        raise ValueError(f"offload_weights_mode must be stream or gap, got {weights_mode!r}")
     old = getattr(body, "checkpoint_fn", None)
     if isinstance(old, OffloadCheckpoint):  # hooks off, weights back on the GPU before a new setup
         old.stop_streaming()
@@ -830,7 +838,13 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
         off = OffloadCheckpoint(keep_on_gpu, len(body.layers), strategy=offload, save_mlp=save_mlp,
                                 save_kept=save_mlp_kept)
         off.layer_index = {id(layer): i for i, layer in enumerate(body.layers)}
-        if stream_weights:
+        if stream_weights and weights_mode == "gap":
+            from .weight_stream import WeightGap
+
+            n = len(body.layers)
+            off.weights = WeightGap({i: body.layers[i] for i in range(min(stream_weights, n))}, n, keep_on_gpu)
+            off.weights._take_all()  # host copies now: a block's weights can leave at its first forward
+        elif stream_weights:
             from .weight_stream import WeightStream, first_blocks
 
             streamed = first_blocks(len(body.layers), keep_on_gpu, stream_weights)

@@ -122,7 +122,8 @@ class Trainer:
         if cfg.gradient_checkpointing:
             _apply_checkpointing(model, cfg.gradient_checkpointing, offload=cfg.offload_strategy,
                                  keep_on_gpu=cfg.offload_keep_on_gpu, save_mlp=cfg.offload_save_mlp,
-                                 save_mlp_kept=cfg.offload_save_mlp_kept, stream_weights=cfg.offload_weights)
+                                 save_mlp_kept=cfg.offload_save_mlp_kept, stream_weights=cfg.offload_weights,
+                                 weights_mode=cfg.offload_weights_mode)
         self.model = model
         self.train_model = _parallelize(model, cfg, self.world, self.device)
 
@@ -537,14 +538,15 @@ def _configure_kernels(model: nn.Module, cfg: Config) -> None:
 
 
 def _apply_checkpointing(model: nn.Module, mode: bool | str, offload: str = "inputs", keep_on_gpu: int = 0,
-                         save_mlp: int | str = "auto", save_mlp_kept: int = 0, stream_weights: int = 0) -> None:
+                         save_mlp: int | str = "auto", save_mlp_kept: int = 0, stream_weights: int = 0,
+                         weights_mode: str = "stream") -> None:
     try:
         from .activations import apply_checkpointing
     except ImportError:
         apply_checkpointing = None
     if apply_checkpointing is not None:
         apply_checkpointing(model, mode, offload=offload, keep_on_gpu=keep_on_gpu, save_mlp=save_mlp,
-                            save_mlp_kept=save_mlp_kept, stream_weights=stream_weights)
+                            save_mlp_kept=save_mlp_kept, stream_weights=stream_weights, weights_mode=weights_mode)
         return
     from torch.utils.checkpoint import checkpoint
 

@@ -201,6 +201,9 @@ class WeightStream:
         self.backward_mode = False
         self.release_all(keep=(0,))
 
+    def after_forward(self, idx: int) -> None:
+        """(The exit hook already let the block's weights go.)"""
+
     def enter(self, idx: int) -> None:
         """Before block idx's forward: its weights in, the next block's on their way (in backward, a
         recompute: its weights are in already and stay)."""
@@ -231,6 +234,166 @@ class WeightStream:
         y.register_hook(hook)
 
 
+class WeightGap:
+    """offload_weights_mode "gap": the first N blocks' frozen quantized weights leave the GPU after their
+    training forward and come back during the backward, where they stay through the next forward.
+
+    Why: the step's memory peaks at the loss and as the backward starts, where the early blocks' weights
+    wait unused for their backward, last of all. A pinned host copy made once means leaving costs no
+    copy. They come back in `gap_returns`' order during the kept blocks' backward, where the host-to-
+    device direction carries no activations, on a stream of their own (so the activations' copies back
+    never queue behind them): PCIe carries N blocks' weights once per step, one way, and the forward
+    none (WeightStream's copies in the forward slow the activations going out). The end of the backward
+    holds every weight again, but no kept activation.
+
+    Any forward of a dropped block (evaluation, generation, a forward with no backward) brings its
+    weights back first (a forward pre-hook), so nothing reads host memory; only OffloadCheckpoint's
+    training path calls `after_forward`. `simulate=True` (tests on CPU) keeps "host" and "GPU" copies
+    on the CPU, with no streams."""
+
+    def __init__(self, blocks: dict[int, nn.Module], num_layers: int, keep_on_gpu: int = 0, simulate: bool = False):
+        self.simulate = simulate
+        self.backward_mode = False
+        self.blocks = {i: weakref.ref(b) for i, b in blocks.items()}
+        self.schedule = gap_returns(num_layers, len(blocks), keep_on_gpu)
+        self.items: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}  # idx -> (module, name, host copy)
+        self.gpu: dict[int, list[torch.Tensor]] = {}  # idx -> its device tensors while on the GPU
+        self.events: dict[int, torch.cuda.Event] = {}  # copies in the compute stream has not waited for yet
+        self.device: torch.device | None = None
+        self.host_bytes = 0
+        self._stream = None
+        self.handles = [b.register_forward_pre_hook(lambda mod, args, i=i: self.load(i)) for i, b in blocks.items()]
+
+    def _take_all(self) -> None:
+        """Pinned host copies of every dropped block's quantized buffers (the GPU ones stay, for now)."""
+        if self.items:
+            return
+        taken = {}
+        for idx, ref in self.blocks.items():
+            block = ref()
+            items = []
+            for m, name in quantized_buffers(block) if block is not None else []:
+                t = getattr(m, name)
+                if not (t.is_cuda or self.simulate):
+                    continue
+                self.device = t.device
+                host = t.clone() if self.simulate else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                if not self.simulate:
+                    host.copy_(t)
+                self.host_bytes += host.numel() * host.element_size()
+                items.append((m, name, host))
+            taken[idx] = items
+        if any(taken.values()):  # still on the CPU (moved later): taken at first use then
+            self.items = taken
+            self.gpu = {i: [getattr(m, n) for m, n, _ in items] for i, items in taken.items() if items}
+
+    def fetch(self, idx: int) -> None:
+        """Start copying block idx's weights back (no-op if they are on the GPU). The memory comes from the
+        copy stream's pool, so the copy waits for nothing on the compute stream."""
+        self._take_all()
+        if idx in self.gpu or not self.items.get(idx):
+            return
+        if self.simulate:
+            self.gpu[idx] = [h.clone() for _, _, h in self.items[idx]]
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            self.gpu[idx] = [torch.empty(h.shape, dtype=h.dtype, device=self.device).copy_(h, non_blocking=True)
+                             for _, _, h in self.items[idx]]
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        self.events[idx] = ev
+
+    def load(self, idx: int) -> None:
+        """Block idx's weights on the GPU and in its modules, ready for kernels on the current stream."""
+        self._take_all()
+        if not self.items.get(idx):
+            return
+        self.fetch(idx)
+        ev = self.events.pop(idx, None)
+        if ev is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(ev)
+            for t in self.gpu[idx]:
+                t.record_stream(main)  # freed (after the next forward) only once the kernels reading it ran
+        for (m, name, _), t in zip(self.items[idx], self.gpu[idx]):
+            setattr(m, name, t)
+
+    def drop(self, idx: int) -> None:
+        """Block idx's modules point at the host copies; its GPU memory goes back to the allocator."""
+        self.load(idx)  # a copy in never waited for must land (and be marked used) before the memory goes
+        self.gpu.pop(idx, None)
+        for m, name, host in self.items.get(idx, ()):
+            setattr(m, name, host)
+
+    def new_forward(self) -> None:
+        self.backward_mode = False
+
+    def after_forward(self, idx: int) -> None:
+        """A training forward of block idx is queued: its weights leave until `gap_returns` brings them."""
+        if not self.backward_mode and idx in self.blocks:
+            self._take_all()
+            if idx in self.gpu:
+                self.drop(idx)
+
+    def backward_hook(self, y: torch.Tensor, idx: int) -> None:
+        """When block idx's backward starts: the dropped blocks due then start coming back, and idx's own
+        weights (if it is one) are made ready."""
+        due = self.schedule.get(idx, [])
+        if not y.requires_grad or not (due or idx in self.blocks):
+            return
+        ref = weakref.ref(self)
+
+        def hook(grad: torch.Tensor) -> None:
+            ws = ref()
+            if ws is not None:
+                ws.backward_mode = True
+                for i in due:
+                    ws.fetch(i)
+                ws.load(idx)
+
+        y.register_hook(hook)
+
+    def detach(self) -> None:
+        """Hooks off; every dropped weight back on the GPU for good."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for idx in list(self.items):
+            self.load(idx)
+        self.items.clear()
+        self.gpu.clear()
+        self.events.clear()
+        self.blocks.clear()
+        self.host_bytes = 0
+
+
+def gap_returns(num_layers: int, dropped: int, keep_on_gpu: int = 0) -> dict[int, list[int]]:
+    """WeightGap's schedule: backward-start block -> the dropped blocks (the first `dropped`) that start
+    coming back then, block dropped - 1 (needed first) first. They come during the kept blocks'
+    backward, from block L - 2's (L - 1's moment holds every kept block's activations, the step's
+    backward peak) to block L - keep's: the host-to-device direction is idle there (only the last
+    offloaded block's activations come back), where the offloaded blocks' backward already has it
+    about half busy. Evenly spread, as many per block as it takes: the planner counts what that adds
+    to each kept block's moment. With fewer than two kept blocks (or too few to stay ahead of the
+    dropped ones' backward) they spread over the backward starts down to block `dropped`."""
+    n, L = max(0, dropped), num_layers  # noqa: E741
+    if n == 0:
+        return {}
+    if n > L - 2:
+        raise ValueError(f"offload_weights_mode gap drops at most num_layers - 2 = {L - 2} blocks, got {n}")
+    lo = L - min(max(keep_on_gpu, 0), L)
+    if keep_on_gpu < 2 or lo < n:
+        lo = n
+    starts = L - 1 - lo  # backward starts L - 2 ... lo
+    out: dict[int, list[int]] = {}
+    for k in range(n):  # k-th return: block n - 1 - k; where several share a start, the later ones
+        pos = (k * starts) // n if n <= starts else ((k + 1) * starts + n - 1) // n - 1
+        out.setdefault(L - 2 - pos, []).append(n - 1 - k)
+    return out
+
+
 def first_blocks(num_layers: int, keep_on_gpu: int, count: int) -> list[int]:
     """The blocks whose weights stream: the first `count` of the offloaded ones (their backward comes last,
     so their weights would sit on the GPU longest)."""
@@ -238,4 +401,4 @@ def first_blocks(num_layers: int, keep_on_gpu: int, count: int) -> list[int]:
     return list(range(min(max(count, 0), n_off)))
 
 
-__all__ = ["WeightStream", "first_blocks", "quantized_buffers"]
+__all__ = ["WeightGap", "WeightStream", "first_blocks", "gap_returns", "quantized_buffers"]
