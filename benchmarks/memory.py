@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py                          # H200: part "speed" (QLoRA 8B, seq 2048 x 2):
                                                          # tunery_act, standard (and liger) 3 times in turn,
-                                                         # 4 warm-up + 10 timed steps each, medians compared
+                                                         # 5 warm-up + 10 timed steps each, medians compared
     python benchmarks/memory.py --part context --stacks tunery --modes qlora      # one search per command
     python benchmarks/memory.py --part context --stacks tunery --modes lora16
     python benchmarks/memory.py --part context --stacks standard,liger --modes qlora,lora16
@@ -590,7 +590,7 @@ def fmt(r: dict) -> str:
     return f"  {name:<40} peak {peak:>10}  planner {pred:>10}  {speed}{extra}  (build {r.get('build_s')} s)"
 
 
-def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 4,
+def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 5,
                steps: int = 10, cpu: bool = False, phases: bool = False, loss_sync: str = "end",
                overrides: dict | None = None) -> dict:
     """A speed-part worker's settings for one stack (also benchmarks/step_lead.py's); `overrides` (--set)
@@ -781,9 +781,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=4,
-                    help="untimed steps (4: tunery's offload_save_mlp auto times steps 2 and 3 and takes effect in "
-                         "step 4)")
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="untimed steps (5: tunery's offload_save_mlp auto times steps 2 to 4 and takes effect in "
+                         "step 5)")
     ap.add_argument("--cap-gib", type=float, default=80.0, help="context part: GPU memory cap")
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
                     help="context part: try exactly these lengths")

@@ -320,7 +320,7 @@ def test_trainer_passes_the_offload_settings(tiny_llama, gsm8k_small, tmp_path, 
            "dataset_prepared_path": str(tmp_path / "prepared")}
     run = train(cfg)
     assert seen == [("offload", {"offload": "activations", "keep_on_gpu": 1, "save_mlp": "auto",
-                                 "save_mlp_kept": 1, "stream_weights": 0})]
+                                 "save_mlp_kept": 1, "stream_weights": 0, "weights_mode": "stream"})]
     assert frozen == [1, 0]
     steps = [r for r in map(_json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -552,17 +552,18 @@ def test_save_mlp_auto_retimes_a_forward_that_never_finished(monkeypatch):
     assert first is not None and first.end is None
     fn._calibrate(layer, x, 0)  # forward 3: times itself instead
     assert fn._cal is not None and fn._cal is not first and fn.auto
+    for timed in (1, 2):  # forwards 4 and 5: the one before is in; this one is timed next
+        fn._cal.end = FakeEvent()
+        fn._calibrate(layer, x, 0)
+        assert fn.auto and fn._cal is not None and len(fn._timed) == timed
     fn._cal.end = FakeEvent()
-    fn._calibrate(layer, x, 0)  # forward 4: forward 3 is in; the second timed forward is this one
-    assert fn.auto and fn._cal is not None and len(fn._timed) == 1
-    fn._cal.end = FakeEvent()
-    fn._calibrate(layer, x, 0)  # forward 5: decides (no copies timed: nothing to add)
+    fn._calibrate(layer, x, 0)  # forward 6: decides (no copies timed: nothing to add)
     assert not fn.auto and fn._cal is None and fn.auto_report["save_mlp_blocks"] == 0
-    assert fn.auto_report["forwards_ms"] == [10.0, 10.0]
+    assert fn.auto_report["forwards_ms"] == [10.0, 10.0, 10.0]
 
 
 def test_save_mlp_auto_decides_on_the_shorter_timed_forward(monkeypatch):
-    """Two timed forwards (fake CUDA events): the shorter one, and its copies, pick the count; a
+    """Three timed forwards (fake CUDA events): the shortest one, and its copies, pick the count; a
     forward whose events are not done yet is looked at again at the next forward."""
     import tunery.train.activations as acts
     from tunery.train.activations import OffloadCheckpoint, gate_up_blocks_that_fit
@@ -586,7 +587,7 @@ def test_save_mlp_auto_decides_on_the_shorter_timed_forward(monkeypatch):
     x = torch.zeros(1, 4096, 64)  # gate/up: 2 x 4096 x 160 x 4 bytes
     gu = 2 * 4096 * 160 * 4
     fn._calibrate(layer, x, 0)  # forward 1
-    for forward_ms, copy_ms in ((150.0, 60.0), (100.0, 60.0)):
+    for forward_ms, copy_ms in ((150.0, 60.0), (100.0, 60.0), (200.0, 60.0)):
         fn._calibrate(layer, x, 0)
         cal = fn._cal
         cal.start, cal.end = Ev(0.0), Ev(forward_ms, done=False)
@@ -597,5 +598,5 @@ def test_save_mlp_auto_decides_on_the_shorter_timed_forward(monkeypatch):
     fn._calibrate(layer, x, 0)
     n = gate_up_blocks_that_fit(100.0, 60.0, 10 * gu, gu, 28)
     assert not fn.auto and n == 5 and gate_up_blocks_that_fit(150.0, 60.0, 10 * gu, gu, 28) == 12 and fn.auto_report["save_mlp_blocks"] == n
-    assert fn.auto_report["forwards_ms"] == [150.0, 100.0] and fn.auto_report["forward_ms"] == 100.0
+    assert fn.auto_report["forwards_ms"] == [150.0, 100.0, 200.0] and fn.auto_report["forward_ms"] == 100.0
     assert fn.save_mlp == set(acts.save_mlp_layers(32, 4, 1, n)) and 31 in fn.save_mlp

@@ -41,7 +41,7 @@ class TrainingSection(Section):
     offload_save_mlp: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="With offload_strategy activations: how many offloaded blocks also send the MLP's "
         "gate/up to CPU memory instead of recomputing them in backward (less compute, more PCIe traffic); auto "
-        "measures the copy time two forwards leave unused on the GPU and fills the shorter one's.")
+        "measures the copy time three forwards leave unused on the GPU and fills the shortest one's.")
     offload_save_mlp_kept: int = Field(1, ge=0, description="With offload_strategy activations and "
         "offload_keep_on_gpu: the last N kept blocks keep the MLP's gate/up on the GPU instead of recomputing "
         "them in backward (2 x intermediate x tokens x 2 bytes each; the very last block's cost nothing at "
@@ -59,7 +59,7 @@ class TrainingSection(Section):
         "they are off the GPU where the step peaks (the loss, the start of the backward), which leaves room "
         "for more kept blocks and gate/up (offload_keep_on_gpu, offload_save_mlp_kept): on an H200, 8B at "
         "2 x 2048 tokens under 7 GiB, `tunery plan`'s pick ran ~7% more tokens/s than no weights offloaded. "
-        "Host-to-device copies: N blocks' weights once per step. Needs N <= layers - 2.")
+        "Host-to-device copies: N blocks' weights once per step.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
     eval_batch_size: int | None = None
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")

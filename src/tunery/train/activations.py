@@ -459,7 +459,8 @@ class _ActGroup:
             self.event = None
 
 
-CALIBRATION_FORWARDS = 2  # save_mlp "auto": timed forwards, the shortest decides
+CALIBRATION_FORWARDS = 3  # save_mlp "auto": timed forwards, the shortest decides (one slow one, e.g. 200 ms
+# against ~110 on an H200, once let 22 blocks of 22 keep gate/up: the copies out then held the step back)
 PREFETCH_LEAD = 2  # kept blocks of backward that the copy back of the last offloaded block overlaps
 
 
@@ -489,7 +490,7 @@ class OffloadCheckpoint:
         self.keep_on_gpu = keep_on_gpu
         # strategy "activations": the blocks (indices) whose fused MLP keeps gate/up for backward (on the
         # GPU for a kept block, in host memory with the rest otherwise); every other block recomputes
-        # them. "auto": picked from the shorter of two timed forwards (_calibrate), none until then.
+        # them. "auto": picked from the shortest of three timed forwards (_calibrate), none until then.
         self.auto = save_mlp == "auto"
         self.save_kept = save_kept  # the last N kept blocks keep gate/up on the GPU (with "auto" too)
         kept = save_mlp_layers(num_layers, keep_on_gpu, save_kept) if num_layers else []
@@ -628,7 +629,7 @@ class OffloadCheckpoint:
         the shortest of them picks how many offloaded blocks also send gate/up out: as many as the copy
         time it leaves unused can carry (90% of it). Each one saves a [tokens, hidden] x [hidden, 2 x
         intermediate] GEMM in backward; past that the copies out fall behind and hold GPU memory. One
-        timed forward ran 117-159 ms on different H200s, and its pick 4-15 blocks: the shorter of two
+        timed forward ran 117-159 ms on different H200s, and its pick 4-15 blocks: the shortest of three
         is the steadier (and the safer: fewer blocks)."""
         if idx != 0 or self.num_layers is None:
             return
@@ -801,7 +802,7 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     whose fused MLP keeps gate/up instead of recomputing them in backward (2 x intermediate/hidden units
     each, on the GPU for a kept block, through host memory otherwise), a count of offloaded blocks
     (`save_mlp_layers` spreads them), or "auto": as many offloaded blocks as the copy time left over in
-    the shorter of two timed forwards carries (CUDA). `save_mlp_kept`: the last N of the kept blocks keep gate/up too
+    the shortest of three timed forwards carries (CUDA). `save_mlp_kept`: the last N of the kept blocks keep gate/up too
     (GPU memory; the planner's `best_save_kept` says how many fit). `stream_weights` (offload mode): the
     first N offloaded blocks keep their frozen 4-bit weights in host memory and copy them in for their
     forward and backward (`weights_mode` "stream"), or the first N blocks' leave the GPU after their

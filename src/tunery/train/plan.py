@@ -157,7 +157,7 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
         w_lin = L * lin * (0.5 + scale_b)
         w_block = lin * (0.5 + scale_b)
         if s.checkpointing == "offload" and s.stream_weights and s.weights_mode == "gap":
-            gap = min(s.stream_weights, L - 2)
+            gap = min(s.stream_weights, L)
         elif s.checkpointing == "offload" and s.stream_weights:  # in CPU memory; two blocks' on the GPU at a time
             streamed = min(s.stream_weights, L - min(L, s.keep_on_gpu))
             streamed_b = max(0, streamed - 2) * lin * (0.5 + scale_b)

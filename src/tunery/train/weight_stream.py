@@ -377,12 +377,13 @@ def gap_returns(num_layers: int, dropped: int, keep_on_gpu: int = 0) -> dict[int
     offloaded block's activations come back), where the offloaded blocks' backward already has it
     about half busy. Evenly spread, as many per block as it takes: the planner counts what that adds
     to each kept block's moment. With fewer than two kept blocks (or too few to stay ahead of the
-    dropped ones' backward) they spread over the backward starts down to block `dropped`."""
-    n, L = max(0, dropped), num_layers  # noqa: E741
+    dropped ones' backward) they spread over the backward starts down to block `dropped`; with more
+    than L - 2 dropped, all come at the start of block L - 1's backward."""
+    n, L = min(max(0, dropped), num_layers), num_layers  # noqa: E741
     if n == 0:
         return {}
-    if n > L - 2:
-        raise ValueError(f"offload_weights_mode gap drops at most num_layers - 2 = {L - 2} blocks, got {n}")
+    if n > L - 2:  # too many to stay ahead: all at the last block's backward start (its peak; the planner counts it)
+        return {L - 1: list(range(n - 1, -1, -1))}
     lo = L - min(max(keep_on_gpu, 0), L)
     if keep_on_gpu < 2 or lo < n:
         lo = n
