@@ -605,11 +605,14 @@ def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: 
         spec["kcat"] = False
     fixed = dict(overrides or {}) if stack.startswith("tunery") else {}
     spec.update(fixed)
-    if base == "tunery_act" and not smoke:  # what `tunery plan` suggests under 7 GiB (it errs high)
+    if base == "tunery_act" and not smoke:  # the planner's picks under 7 GiB (it errs high)
         budget = TARGETS["peak_gib"] * GiB
-        gap = _gap_within(spec, budget) if spec.get("gap", True) and "stream_weights" not in fixed else None
-        if gap and not {"keep_on_gpu", "save_kept"} & fixed.keys():  # the first blocks' 4-bit weights off the
-            n, keep, saves = gap                                     # GPU around the peak, for less recompute
+        # --set gap=true: the first blocks' 4-bit weights off the GPU around the peak, for less recompute
+        # (offload_weights_mode gap, plan.best_weight_gap). Not the default: faster in paired runs, slower
+        # where save_mlp "auto" then picked many blocks (benchmarks/RESULTS.md, eleventh session)
+        gap = _gap_within(spec, budget) if spec.get("gap") and "stream_weights" not in fixed else None
+        if gap and not {"keep_on_gpu", "save_kept"} & fixed.keys():
+            n, keep, saves = gap
             spec.update(stream_weights=n, weights_mode="gap", keep_on_gpu=keep, save_kept=saves)
         else:  # the kept blocks' activations stay on the GPU: as many as fit, then as many keeping gate/up
             if "keep_on_gpu" not in fixed:

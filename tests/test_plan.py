@@ -270,3 +270,42 @@ def test_plan_suggests_kept_blocks_that_keep_gate_up():
         r.suggestions
     assert not any(x.startswith("offload_save_mlp_kept") for x in plan_shapes(LLAMA_8B, replace(s, mlp_save_kept=1),
                                                                              budget + CONTEXT_RESERVE).suggestions)
+
+
+def test_weight_gap_takes_the_dropped_blocks_off_the_peak_moments_until_they_return():
+    """offload_weights_mode gap: at the loss all N dropped blocks' 4-bit bytes are off the GPU; in the
+    backward each kept block's moment holds the ones gap_returns has brought back by then (the schedule
+    the runtime uses), and an offloaded block's moment holds them all. best_weight_gap's pick fits."""
+    from tunery.train.plan import best_save_kept, best_weight_gap, gap_returned
+    from tunery.train.weight_stream import gap_returns
+
+    sh = ModelShape.from_hf(LLAMA_8B)
+    s = Setup(seq_len=2048, micro_batch=2, adapter="qlora", double_quant=True, checkpointing="offload",
+              keep_on_gpu=11, mlp_save_kept=10, embed_on_cpu=True, mlp_recompute=True, ignored_labels=False,
+              offload_strategy="activations", mlp_save_offloaded="auto")
+    block = sh.linear_params() * (0.5 + 1 / 64 + 4 / (64 * 256))
+
+    def phases(setup):
+        a = estimate(sh, setup)["activations"]
+        return a["loss_phase_total"], a["backward_phase_total"]
+
+    loss0, bwd0 = phases(s)
+    for n in (4, 12, 24):
+        loss, bwd = phases(replace(s, stream_weights=n, weights_mode="gap"))
+        assert loss0 - loss == pytest.approx(n * block, rel=1e-9), n
+        assert 0 < bwd0 - bwd <= n * block + 1, n  # some back by the backward's peak moment, not all
+        assert phases(replace(s, stream_weights=n))[0] > loss  # "stream" keeps two blocks' in slots
+    # the count back at each kept block follows the runtime's schedule
+    back = gap_returned(32, 24, 11)
+    sched = gap_returns(32, 24, 11)
+    assert all(back[j] == sum(len(v) for k, v in sched.items() if k >= j) for j in range(32))
+    assert back[31] == 0 and back[24] == 24
+    # every dropped block back at the last block's start (more than L - 2 dropped): no saving in backward
+    assert phases(replace(s, stream_weights=32, weights_mode="gap"))[1] == pytest.approx(bwd0, rel=1e-9)
+    budget = int(7 * 2**30)
+    n, keep, saves = best_weight_gap(sh, replace(s, keep_on_gpu=0, mlp_save_kept=0), budget)
+    pick = replace(s, stream_weights=n, weights_mode="gap", keep_on_gpu=keep, mlp_save_kept=saves)
+    assert peak_bytes(sh, pick) <= budget and max(len(v) for v in gap_returns(32, n, keep).values()) <= 4
+    plain = replace(s, keep_on_gpu=7, mlp_save_kept=0)  # memory.py's default pick without it: 7 kept
+    assert saves > best_save_kept(sh, plain, budget)
+    assert best_weight_gap(sh, replace(s, adapter="lora"), budget) is None

@@ -331,9 +331,11 @@ def best_weight_gap(shape: ModelShape, s: Setup, budget: int) -> tuple[int, int,
     offload_weights_mode "gap" that fit `budget`, or None: the most kept blocks keeping gate/up (each saves
     its recompute and costs no PCIe), then the lowest predicted peak. The weights come back during the
     kept blocks' backward, at most GAP_RETURNS_PER_BLOCK per block (~4.5 ms of PCIe for an 8B block
-    against ~4-5 ms of its backward). Measured (H200, 8B, 2 x 2048, 7 GiB): the pick (24, 11, 10) ran
-    +4.6% to +8.3% tokens/s over (0, 7, 1) on three machines; the kept blocks' freed copies out go to
-    offload_save_mlp "auto"."""
+    against ~4-5 ms of its backward). Measured (H200, 8B, 2 x 2048, 7 GiB; benchmarks/RESULTS.md):
+    (24, 11, 10) ran +4.6% to +8.3% tokens/s over (0, 7, 1) in one-round pairs on three machines, but
+    this pick (24, 10, 10) ran 11.0k-14.5k in five rounds: offload_save_mlp "auto" fills the copies out
+    that the kept blocks free, and where it picked 11-22 blocks the backward's copies back held the step
+    up. Not suggested by `tunery plan` for that reason; memory.py --set gap=true runs it."""
     from .weight_stream import gap_returns
 
     if s.adapter != "qlora" or s.checkpointing != "offload" or s.offload_strategy != "activations":
@@ -415,14 +417,6 @@ def _suggest(r: PlanReport, budget: int) -> None:
                     r.suggestions.append(f"offload_save_mlp_kept: {saves} also fits with offload_keep_on_gpu: {keep} "
                                          f"(the last {saves} kept blocks keep gate/up: less recompute; predicted "
                                          f"{_gib(peak_bytes(shape, replace(with_keep, mlp_save_kept=saves)))})")
-            gap = best_weight_gap(shape, s, budget) if s.weights_mode != "gap" or not s.stream_weights else None
-            if gap and gap[0] and gap[2] > best_save_kept(shape, replace(s, keep_on_gpu=keep), budget):
-                n, k, saves = gap
-                r.suggestions.append(
-                    f"offload_weights: {n}, offload_weights_mode: gap, offload_keep_on_gpu: {k} and "
-                    f"offload_save_mlp_kept: {saves} also fit (the first {n} blocks' 4-bit weights off the GPU "
-                    f"from their forward to the kept blocks' backward: room for less recompute; predicted "
-                    f"{_gib(peak_bytes(shape, replace(s, stream_weights=n, weights_mode='gap', keep_on_gpu=k, mlp_save_kept=saves)))})")
         if s.checkpointing:
             for mode in (False, True):
                 if mode == s.checkpointing or (mode is True and s.checkpointing is True):
