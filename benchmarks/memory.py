@@ -9,6 +9,7 @@
     python benchmarks/memory.py --smoke                  # CPU: tiny shapes, both parts, a few seconds each
     python benchmarks/memory.py --stacks tunery_act,standard --phases   # + forward / backward / optimizer times
     python benchmarks/memory.py --stacks tunery_act --rounds 1 --set save_off=0   # a variant: gate/up always recomputed
+    python benchmarks/memory.py --stacks tunery_act,standard --set gap=true   # offload_weights_mode gap, the planner's pick
     python benchmarks/memory.py --stacks tunery_act --trace   # + a profiler trace and where the GPU idles
 
 Model: random weights of the Llama-3.1-8B shape (built on the meta device and materialised tensor by
