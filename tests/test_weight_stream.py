@@ -20,6 +20,17 @@ def _qmodel():
     return m
 
 
+def _reference_and_copy():
+    """The plain gradients of a fresh 4-bit model, and a copy of it in train mode to set up."""
+    base = _qmodel()
+    m0 = copy.deepcopy(base)
+    m0.train()
+    g0 = _run(m0)
+    m = copy.deepcopy(base)
+    m.train()
+    return base, g0, m
+
+
 def _run(m, spy=None, after_forward=None):
     ids, pos = _batch()
     torch.manual_seed(7)
@@ -42,12 +53,7 @@ def test_first_blocks_are_the_early_offloaded_ones():
 def test_streamed_weights_train_like_resident_ones(monkeypatch, strategy):
     import tunery.quant.nf4 as nf4
 
-    base = _qmodel()
-    m0 = copy.deepcopy(base)
-    m0.train()
-    g0 = _run(m0)
-    m = copy.deepcopy(base)
-    m.train()
+    _, g0, m = _reference_and_copy()
     n = len(m.model.layers)
     fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload=strategy, keep_on_gpu=1, stream_weights=2)
     fn.simulate, fn.min_bytes = True, 1024
@@ -297,12 +303,7 @@ def test_gap_weights_leave_after_forward_and_return_in_backward(monkeypatch, str
     import tunery.quant.nf4 as nf4
 
     monkeypatch.setitem(test_offload.HF, "num_hidden_layers", 6)
-    base = _qmodel()
-    m0 = copy.deepcopy(base)
-    m0.train()
-    g0 = _run(m0)
-    m = copy.deepcopy(base)
-    m.train()
+    base, g0, m = _reference_and_copy()
     fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload=strategy, keep_on_gpu=1, stream_weights=3,
                              weights_mode="gap")
     fn.simulate, fn.min_bytes = True, 1024

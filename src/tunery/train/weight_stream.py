@@ -217,21 +217,15 @@ class WeightStream:
             self.release(idx)
 
     def backward_hook(self, y: torch.Tensor, idx: int) -> None:
-        """Block idx's backward starts when y's gradient is complete: block idx + 1's weights go, idx's
-        come in, idx - 1's start coming."""
-        if not y.requires_grad or not any(i in self.blocks for i in (idx - 1, idx, idx + 1)):
-            return
-        ref = weakref.ref(self)
+        if any(i in self.blocks for i in (idx - 1, idx, idx + 1)):
+            at_backward_start(y, self, idx)
 
-        def hook(grad: torch.Tensor) -> None:
-            ws = ref()
-            if ws is not None:
-                ws.backward_mode = True
-                ws.release(idx + 1)
-                ws.load(idx)
-                ws.prefetch(idx - 1)
-
-        y.register_hook(hook)
+    def backward_start(self, idx: int) -> None:
+        """Block idx's backward starts: block idx + 1's weights go, idx's come in, idx - 1's start coming."""
+        self.backward_mode = True
+        self.release(idx + 1)
+        self.load(idx)
+        self.prefetch(idx - 1)
 
 
 class WeightGap:
@@ -338,22 +332,16 @@ class WeightGap:
                 self.drop(idx)
 
     def backward_hook(self, y: torch.Tensor, idx: int) -> None:
-        """When block idx's backward starts: the dropped blocks due then start coming back, and idx's own
+        if idx in self.schedule or idx in self.blocks:
+            at_backward_start(y, self, idx)
+
+    def backward_start(self, idx: int) -> None:
+        """Block idx's backward starts: the dropped blocks due then start coming back, and idx's own
         weights (if it is one) are made ready."""
-        due = self.schedule.get(idx, [])
-        if not y.requires_grad or not (due or idx in self.blocks):
-            return
-        ref = weakref.ref(self)
-
-        def hook(grad: torch.Tensor) -> None:
-            ws = ref()
-            if ws is not None:
-                ws.backward_mode = True
-                for i in due:
-                    ws.fetch(i)
-                ws.load(idx)
-
-        y.register_hook(hook)
+        self.backward_mode = True
+        for i in self.schedule.get(idx, ()):
+            self.fetch(i)
+        self.load(idx)
 
     def detach(self) -> None:
         """Hooks off; every dropped weight back on the GPU for good."""
@@ -367,6 +355,21 @@ class WeightGap:
         self.events.clear()
         self.blocks.clear()
         self.host_bytes = 0
+
+
+def at_backward_start(y: torch.Tensor, mover: WeightStream | WeightGap, idx: int) -> None:
+    """mover.backward_start(idx) once y's gradient is complete, i.e. when block idx's backward starts
+    (y: that block's output); the hook holds the mover weakly."""
+    if not y.requires_grad:
+        return
+    ref = weakref.ref(mover)
+
+    def hook(grad: torch.Tensor) -> None:
+        m = ref()
+        if m is not None:
+            m.backward_start(idx)
+
+    y.register_hook(hook)
 
 
 def gap_returns(num_layers: int, dropped: int, keep_on_gpu: int = 0) -> dict[int, list[int]]:
@@ -402,4 +405,4 @@ def first_blocks(num_layers: int, keep_on_gpu: int, count: int) -> list[int]:
     return list(range(min(max(count, 0), n_off)))
 
 
-__all__ = ["WeightGap", "WeightStream", "first_blocks", "gap_returns", "quantized_buffers"]
+__all__ = ["WeightGap", "WeightStream", "at_backward_start", "first_blocks", "gap_returns", "quantized_buffers"]
