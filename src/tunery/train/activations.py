@@ -28,16 +28,13 @@ import bisect
 import functools
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .weight_stream import WeightGap
-
-if TYPE_CHECKING:
-    from .weight_stream import WeightStream
+from .weight_stream import WeightGap, WeightStream, first_blocks
 
 
 # ------------------------------------------------------------------------------- recompute helper
@@ -840,14 +837,10 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
                                 save_kept=save_mlp_kept)
         off.layer_index = {id(layer): i for i, layer in enumerate(body.layers)}
         if stream_weights and weights_mode == "gap":
-            from .weight_stream import WeightGap
-
             n = len(body.layers)
             off.weights = WeightGap({i: body.layers[i] for i in range(min(stream_weights, n))}, n, keep_on_gpu)
             off.weights._take_all()  # host copies now: a block's weights can leave at its first forward
         elif stream_weights:
-            from .weight_stream import WeightStream, first_blocks
-
             streamed = first_blocks(len(body.layers), keep_on_gpu, stream_weights)
             off.weights = WeightStream({i: body.layers[i] for i in streamed}, h2d_stream=lambda: off.h2d_stream)
             off.weights._take_all()  # off the GPU now, not at the first forward: the first step's peak too

@@ -154,13 +154,13 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
     gap, w_block = 0, 0.0  # weights_mode "gap": blocks whose weights are off the GPU at the loss (and after)
     if s.adapter == "qlora":
         scale_b = (1 / 64 + 4 / (64 * 256)) if s.double_quant else 4 / 64
-        w_lin = L * lin * (0.5 + scale_b)
         w_block = lin * (0.5 + scale_b)
+        w_lin = L * w_block
         if s.checkpointing == "offload" and s.stream_weights and s.weights_mode == "gap":
             gap = min(s.stream_weights, L)
         elif s.checkpointing == "offload" and s.stream_weights:  # in CPU memory; two blocks' on the GPU at a time
             streamed = min(s.stream_weights, L - min(L, s.keep_on_gpu))
-            streamed_b = max(0, streamed - 2) * lin * (0.5 + scale_b)
+            streamed_b = max(0, streamed - 2) * w_block
             w_lin -= streamed_b
     else:
         w_lin = L * lin * (s.weight_bytes if s.adapter else s.train_bytes)
@@ -230,7 +230,7 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
             alive = j - (L - keep)
             copying = pre if (j <= L - keep + lead - 1 or keep <= PREFETCH_LEAD) else 0.0
             act = work + alive * block_saved + max(0, j - (L - save_kept)) * gu_saved + copying
-            moments.append((act * u, (gap - back.get(j, gap)) * w_block))
+            moments.append((act * u, (gap - back.get(j, 0)) * w_block))
         block_bwd, bwd_absent = max(moments, key=lambda m: m[0] - m[1])  # the moments count the kept blocks
         kept_bwd = 0.0
     else:
@@ -269,8 +269,8 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
 
 
 def gap_returned(layers: int, dropped: int, keep_on_gpu: int) -> dict[int, int]:
-    """weights_mode "gap": kept block j -> how many dropped blocks' weights are back when its backward runs
-    (train/weight_stream.py's gap_returns schedule; blocks not listed: none yet)."""
+    """weights_mode "gap": block j -> how many dropped blocks' weights are back when its backward runs
+    (train/weight_stream.py's gap_returns schedule, counted from block L - 1 down)."""
     if not dropped:
         return {}
     from .weight_stream import gap_returns
