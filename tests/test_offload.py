@@ -600,3 +600,31 @@ def test_save_mlp_auto_decides_on_the_shorter_timed_forward(monkeypatch):
     assert not fn.auto and n == 5 and gate_up_blocks_that_fit(150.0, 60.0, 10 * gu, gu, 28) == 12 and fn.auto_report["save_mlp_blocks"] == n
     assert fn.auto_report["forwards_ms"] == [150.0, 100.0, 200.0] and fn.auto_report["forward_ms"] == 100.0
     assert fn.save_mlp == set(acts.save_mlp_layers(32, 4, 1, n)) and 31 in fn.save_mlp
+
+
+def test_calibration_counts_the_median_block_not_a_stalled_one():
+    """The timed forward is the median block's time x the blocks: a few blocks where the GPU waited on the
+    host (one 60 ms stall here) do not make the forward look long enough to carry more gate/up copies;
+    a forward whose blocks are all slow keeps its span."""
+    from tunery.train.activations import _Calibration
+
+    class Ev:
+        def __init__(self, t):
+            self.t = t
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    def timed(block_ms):
+        cal = _Calibration()
+        t = [0.0]
+        for ms in block_ms:
+            t.append(t[-1] + ms)
+        cal.start, cal.blocks, cal.end = Ev(t[0]), [Ev(v) for v in t[1:-1]], Ev(t[-1])
+        cal.copies, cal.bytes = [(Ev(0.0), Ev(50.0))], 1000
+        return cal.result(), cal.span_ms
+
+    (forward, copy_ms, copied), span = timed([3.0] * 30 + [60.0, 3.0])
+    assert span == 153.0 and forward == 96.0 and copy_ms == 50.0 and copied == 1000
+    (forward, _, _), span = timed([3.0, 1.0, 3.0, 3.0])  # shorter than the median x blocks: the span
+    assert forward == span == 10.0

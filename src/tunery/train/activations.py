@@ -495,6 +495,7 @@ class OffloadCheckpoint:
         self.auto_report: dict | None = None
         self._cal: _Calibration | None = None
         self._timed: list[tuple[float, float, int]] = []  # (forward ms, copy ms, bytes) of finished timed forwards
+        self._spans: list[float] = []  # their start-to-end spans (reported)
         self._gate_up_bytes = 0
         self._forwards = 0
         self.num_layers = num_layers
@@ -570,6 +571,8 @@ class OffloadCheckpoint:
         if strategy == "activations":
             if self.auto and x.is_cuda:
                 self._calibrate(layer, x, idx)
+                if self._cal is not None and self._cal.end is None and idx > 0:
+                    self._cal.blocks.append(self._cal.event(torch.cuda.current_stream(x.device)))
             if not offload:  # a kept block: its tensors stay on the GPU
                 with _MLPRecompute(layer, idx not in self.save_mlp):
                     y = layer(x, rope, cu_seqlens, max_seqlen)
@@ -640,6 +643,7 @@ class OffloadCheckpoint:
             if not all(e.query() for e in cal.all_events()):
                 return  # the GPU is still behind: look again at the next forward
             self._timed.append(cal.result())
+            self._spans.append(cal.span_ms)
             cal = self._cal = None
         if len(self._timed) >= CALIBRATION_FORWARDS:
             self._decide()
@@ -660,6 +664,7 @@ class OffloadCheckpoint:
         n = min(n, max(0, _host_free() // 2 - self.pool.total_bytes) // self._gate_up_bytes)  # host memory too
         self.save_mlp = frozenset(save_mlp_layers(self.num_layers, self.keep_on_gpu, self.save_kept, n))
         self.auto_report = {"forward_ms": round(forward_ms, 1), "forwards_ms": [round(t[0], 1) for t in self._timed],
+                            "spans_ms": [round(t, 1) for t in self._spans],
                             "copied_gb": round(copied / 1e9, 2),
                             "copy_gbps": round(copied / copy_ms / 1e6, 1) if copy_ms else None,
                             "save_mlp_blocks": n}
@@ -703,12 +708,22 @@ class _Calibration:
 
     def __init__(self):
         self.start = self.end = None
+        self.blocks: list = []  # an event at the start of each block after the first (compute stream)
+        self.span_ms: float | None = None
         self.copies: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.bytes = 0
 
     def result(self) -> tuple[float, float, int]:
-        """(forward ms, copy ms, bytes copied out) once every event is done."""
-        return (self.start.elapsed_time(self.end), sum(a.elapsed_time(b) for a, b in self.copies), self.bytes)
+        """(forward ms, copy ms, bytes copied out) once every event is done. The forward is the median
+        block's time x the blocks, when that is shorter than the whole span: the span also counts the
+        GPU waiting on the host (a slow launch, the allocator, a collector pause) within a few blocks,
+        which once read 120-200 ms where the blocks ran ~105 and let too many blocks keep gate/up."""
+        span = self.start.elapsed_time(self.end)
+        marks = [self.start, *self.blocks, self.end]
+        blocks = sorted(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
+        forward = min(span, blocks[len(blocks) // 2] * len(blocks)) if len(blocks) > 2 else span
+        self.span_ms = span
+        return (forward, sum(a.elapsed_time(b) for a, b in self.copies), self.bytes)
 
     @staticmethod
     def event(stream) -> torch.cuda.Event:
@@ -717,7 +732,7 @@ class _Calibration:
         return e
 
     def all_events(self) -> list:
-        return [self.start, self.end, *(e for pair in self.copies for e in pair)]
+        return [self.start, *self.blocks, self.end, *(e for pair in self.copies for e in pair)]
 
 
 class _MLPRecompute:
