@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .weight_stream import WeightGap, WeightStream, first_blocks
+from .weight_stream import WeightGap, WeightStream, first_blocks, quantized_buffers
 
 
 # ------------------------------------------------------------------------------- recompute helper
@@ -551,6 +551,8 @@ class OffloadCheckpoint:
         ws.simulate = self.simulate
         if idx == 0:
             ws.new_forward()
+        if isinstance(ws, WeightGap):  # on the GPU before the block's offload looks up its weights' addresses
+            ws.load(idx)
         y = self._call(layer, x, rope, cu_seqlens, max_seqlen, idx)
         ws.backward_hook(y, idx)  # the block's weights come back when its backward starts
         ws.after_forward(idx)
@@ -671,12 +673,19 @@ class OffloadCheckpoint:
 
     def _activations(self, layer, x, rope, cu_seqlens, max_seqlen, first: bool, idx: int) -> torch.Tensor:
         key = id(layer)
-        # frozen 16-bit weights are saved by the matmuls: never copy them. Looked up again each time when
-        # weights move (offload_weights_mode gap: a dropped block's old addresses go to activations)
-        if key not in self._param_ptrs or isinstance(self.weights, WeightGap):
-            self._param_ptrs[key] = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+        # frozen 16-bit weights are saved by the matmuls: never copy them. A block whose quantized weights
+        # move (offload_weights_mode gap) gets their addresses from the mover at each forward: their old
+        # ones go to activations once they leave, and those must be copied
+        ws = self.weights
+        moving = isinstance(ws, WeightGap) and idx in ws.blocks
+        if key not in self._param_ptrs:
+            ptrs = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+            if moving:
+                ptrs -= {getattr(m, n).untyped_storage().data_ptr() for m, n in quantized_buffers(layer)}
+            self._param_ptrs[key] = ptrs
+        frozen = self._param_ptrs[key] | ws.device_ptrs(idx) if moving else self._param_ptrs[key]
         shared = {t.untyped_storage().data_ptr() for t in _tensors((rope, cu_seqlens))}
-        group = _ActGroup(self, self._param_ptrs[key] | shared, self.simulate)
+        group = _ActGroup(self, frozen | shared, self.simulate)
         group.prev = None if first else self._last_group
         # the fused MLP recomputes gate/up in backward instead of saving them (unless idx is in save_mlp):
         # offloading them would move 2 x intermediate/hidden (7x for Llama-8B) more bytes per block
