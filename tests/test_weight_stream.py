@@ -409,6 +409,8 @@ def test_gpu_gap_weights_match_resident_ones_and_leave_between_forward_and_backw
         grads.append({k: p.grad.cpu() for k, p in m.named_parameters() if p.requires_grad})
         del m, fn
     assert _max_diff(grads[1], grads[0]) < 1e-5
-    saved = [a - b for a, b in zip(after_fwd[:3], after_fwd[3:])]  # from the first step on
-    assert all(0.9 * dropped <= x <= dropped + 4096 for x in saved), (saved, dropped, after_fwd)
+    # from the first step on; exact once both runs are steady (the run without gap held 50 KB more after
+    # its first two forwards than after its third on an H200, which is not gap's doing)
+    saved = [a - b for a, b in zip(after_fwd[:3], after_fwd[3:])]
+    assert all(x >= 0.9 * dropped for x in saved) and abs(saved[-1] - dropped) <= 4096, (saved, dropped, after_fwd)
     assert abs(after_bwd[2] - after_bwd[5]) <= 0.1 * dropped, (after_bwd, dropped)
