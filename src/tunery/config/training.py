@@ -58,9 +58,10 @@ class TrainingSection(Section):
         "their forward and come back during the kept blocks' backward, staying through the next forward; "
         "they are off the GPU where the step peaks (the loss, the start of the backward), which leaves room "
         "for more kept blocks and gate/up (offload_keep_on_gpu, offload_save_mlp_kept): on an H200, 8B at "
-        "2 x 2048 tokens under 7 GiB, N=24 with 11 kept blocks all keeping gate/up ran 5-8% more tokens/s than "
-        "the same budget without it in paired runs, and less where offload_save_mlp auto picked many blocks. "
-        "Host-to-device copies: N blocks' weights once per step.")
+        "2 x 2048 tokens under 7 GiB, N=24 with 10-11 kept blocks all keeping gate/up ran 5-8% more tokens/s "
+        "than the same budget without it in paired runs, and 2-8% less on machines where its forward then "
+        "waited on the CPU (the saved recompute makes the GPU's share of a step smaller). Host-to-device "
+        "copies: N blocks' weights once per step.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
     eval_batch_size: int | None = None
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
