@@ -44,9 +44,8 @@ def _movable(block: nn.Module | None, simulate: bool) -> list[tuple[nn.Module, s
 
 def _put(m: nn.Module, name: str, t: torch.Tensor) -> None:
     """Point buffer `name` of m at t. Straight into the buffer dict: nn.Module.__setattr__ runs its type
-    checks and register_buffer each time, ~16 us (profiled on an H200's host), and gap mode moves 28
-    buffers per block up to three times a step: ~55 ms of CPU per step for an 8B model, in a forward
-    whose pace the CPU then set."""
+    checks and register_buffer each time, ~16 us under cProfile on an H200's host, and gap mode moves
+    28 buffers per block up to three times a step (~3,400 calls per 8B step)."""
     m._buffers[name] = t
 
 
@@ -280,9 +279,9 @@ class WeightGap:
         self.blocks = {i: weakref.ref(b) for i, b in blocks.items()}
         self.schedule = gap_returns(num_layers, len(blocks), keep_on_gpu)
         # one flat buffer per block, on the host and (while there) on the GPU, its buffers views into it:
-        # a block's 28 tensors (7 linears x 4) each copied, allocated, marked and freed on their own made
-        # the CPU, not the GPU, set the pace of the forward and of the kept blocks' backward (H200, 8B:
-        # 3.4-4.0 ms a dropped block's forward against 3.15, the GPU waiting on the host throughout)
+        # one copy, allocation, stream mark and free per block, not 28 (7 linears x 4). Gap's forward was
+        # seen waiting on the host (H200, 8B: 3.4-6 ms a dropped block against 3.2 when GPU-bound), and
+        # still is on some machines (benchmarks/RESULTS.md, twelfth session)
         self.items: dict[int, list[tuple[nn.Module, str, torch.Tensor, int]]] = {}  # idx -> (module, name,
         self.host: dict[int, torch.Tensor] = {}  # idx -> its pinned flat buffer      #   host view, offset)
         self.gpu: dict[int, list[torch.Tensor]] = {}  # idx -> its device tensors while on the GPU
@@ -297,11 +296,12 @@ class WeightGap:
         """Pinned host copies of every dropped block's quantized buffers (the GPU ones stay, for now)."""
         if self.items:
             return
-        taken, host = {}, {}
+        taken, host, gpu = {}, {}, {}
         for idx, ref in self.blocks.items():
             found = _movable(ref(), self.simulate)
             if not found:
                 continue
+            gpu[idx] = [t for _, _, t in found]
             offsets, size = flat_offsets(t for _, _, t in found)
             flat = torch.zeros(size, dtype=torch.uint8, pin_memory=not self.simulate)
             items = []
@@ -313,8 +313,7 @@ class WeightGap:
             self.host_bytes += size
             taken[idx], host[idx] = items, flat
         if taken:  # none yet: still on the CPU (moved later), taken at first use then
-            self.items, self.host = taken, host
-            self.gpu = {i: [t for _, _, t in _movable(self.blocks[i](), self.simulate)] for i in taken}
+            self.items, self.host, self.gpu = taken, host, gpu
 
     def fetch(self, idx: int) -> None:
         """Start copying block idx's weights back (no-op if they are on the GPU): one flat copy, its memory
