@@ -148,6 +148,8 @@ def test_config_offload_weights_needs_4bit_offload_and_one_gpu(tiny_llama):
         with pytest.raises(Exception, match="offload_weights"):
             load_config({**base, **bad, "offload_weights": 3})
     assert load_config({**base, "gradient_checkpointing": True}).offload_weights == 0
+    with pytest.raises(Exception, match="offload_weights_mode: gap .* set offload_weights: N"):  # would do nothing
+        load_config({**base, "offload_weights_mode": "gap"})
 
 
 @pytest.mark.parametrize("mode", ["stream", "gap"])

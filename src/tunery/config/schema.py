@@ -48,6 +48,9 @@ class Config(
             problems.append("chat_template: jinja needs chat_template_jinja")
         if self.rl == "grpo" and self.grpo.reward_weights is not None and len(self.grpo.reward_weights) != len(self.grpo.reward_funcs):
             problems.append("grpo.reward_weights must have one weight per reward_funcs entry")
+        if self.offload_weights_mode == "gap" and not self.offload_weights:
+            problems.append("offload_weights_mode: gap moves the first offload_weights blocks' 4-bit weights, and "
+                            "offload_weights is 0: set offload_weights: N (`tunery plan` counts it)")
         if self.offload_weights:
             if self.gradient_checkpointing != "offload" or not self.load_in_4bit:
                 problems.append("offload_weights streams the frozen 4-bit weights with the offloaded activations: "
