@@ -68,9 +68,22 @@ def test_wrong_type_names_the_key():
     ({"batch_size": 8, "gradient_accumulation_steps": 2}, "batch_size and gradient_accumulation_steps"),
     ({"warmup_steps": 10, "warmup_ratio": 0.1}, "warmup_steps and warmup_ratio"),
     ({"lora_target_linear": True}, "adapter is absent"),
+    ({"gradient_checkpointing": True, "offload_keep_on_gpu": 4, "offload_save_mlp": 2},
+     "offload_keep_on_gpu, offload_save_mlp work with gradient_checkpointing: offload, and gradient_checkpointing is true"),
+    ({"offload_strategy": "activations"}, "offload_strategy work with gradient_checkpointing: offload"),
 ])
 def test_cross_field_rules(data, needle):
     assert any(needle in p for p in problems_of(data))
+
+
+def test_offload_keys_at_their_defaults_pass_without_offload():
+    """A resolved config (defaults written out, as a run directory stores it) loads again; only keys set
+    away from their defaults without gradient_checkpointing: offload are refused."""
+    cfg = load_config({"datasets": [{"path": "a.jsonl"}]})
+    again = load_config(cfg.to_yaml_dict())
+    assert again.gradient_checkpointing is False and again.offload_keep_on_gpu == 0 and again.offload_save_mlp == "auto"
+    load_config({"gradient_checkpointing": "offload", "offload_strategy": "activations", "offload_keep_on_gpu": 4,
+                 "offload_save_mlp": 2, "offload_save_mlp_kept": 2})
 
 
 def test_dotted_overrides():
@@ -126,7 +139,7 @@ def test_config_roundtrip_is_stable():
 
 
 def test_offload_save_mlp_takes_a_count_or_auto():
-    assert load_config({"offload_save_mlp": 3}).offload_save_mlp == 3
+    assert load_config({"offload_save_mlp": 3, "gradient_checkpointing": "offload"}).offload_save_mlp == 3
     assert load_config({}).offload_save_mlp == "auto"
     for bad in (-1, "all"):
         probs = problems_of({"offload_save_mlp": bad})

@@ -48,6 +48,13 @@ class Config(
             problems.append("chat_template: jinja needs chat_template_jinja")
         if self.rl == "grpo" and self.grpo.reward_weights is not None and len(self.grpo.reward_weights) != len(self.grpo.reward_funcs):
             problems.append("grpo.reward_weights must have one weight per reward_funcs entry")
+        if self.gradient_checkpointing != "offload":  # set away from their defaults, they would do nothing
+            unused = [k for k, default in (("offload_strategy", "inputs"), ("offload_keep_on_gpu", 0),
+                                           ("offload_save_mlp", "auto"), ("offload_save_mlp_kept", 1))
+                      if getattr(self, k) != default]
+            if unused:
+                problems.append(f"{', '.join(unused)} work with gradient_checkpointing: offload, and "
+                                f"gradient_checkpointing is {str(self.gradient_checkpointing).lower()}")
         if self.offload_weights_mode == "gap" and not self.offload_weights:
             problems.append("offload_weights_mode: gap moves the first offload_weights blocks' 4-bit weights, and "
                             "offload_weights is 0: set offload_weights: N (`tunery plan` counts it)")
