@@ -18,9 +18,8 @@ import argparse
 import json
 import time
 
-import memory as M
 import torch
-from shapes import LLAMA_8B
+from step_lead import Marks, marked_steps, setup
 
 
 def main() -> None:
@@ -32,32 +31,13 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("block_lead.py needs a CUDA GPU")
-    from tunery.train.loop import freeze_long_lived  # importable once memory put src/ on the path
-
     over = {"gap": True} if args.gap else {}
     for kv in args.set:
         key, _, value = kv.partition("=")
         over[key] = json.loads(value)
-    spec = M.speed_spec("tunery_act", "qlora", LLAMA_8B, 2048, 2, loss_sync="end", overrides=over)
-    model, step, _ = M.build_tunery(spec, "cuda")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    gen = torch.Generator().manual_seed(0)
-    freeze_long_lived()
-
-    def batch():
-        return M._batch(spec, spec["model"]["vocab_size"], gen, "cuda")
-
-    for _ in range(8):  # save_mlp "auto" decides at the fifth forward
-        M._train_step(step, opt, None, "cuda", batch())
-    torch.cuda.synchronize()
+    spec, model, step, opt, batch = setup(over, warmup=8)  # save_mlp "auto" decides at the fifth forward
     fn = model.model.checkpoint_fn
-    marks: list[tuple[float, torch.cuda.Event, str]] = []
-
-    def mark(name: str) -> None:
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        marks.append((time.perf_counter(), e, name))
-
+    mark = Marks()
     plain = type(fn).__call__
 
     def timed_call(self, layer, x, *rest):
@@ -70,25 +50,13 @@ def main() -> None:
 
     type(fn).__call__ = timed_call
     try:
-        ref = torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
-        ref.record()
-        for _ in range(args.steps):
-            ids = batch()
-            mark("step")
-            loss = step(ids)
-            mark("loss")
-            loss.backward()
-            mark("optimizer")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        mark("end")
+        marked_steps(step, opt, batch, args.steps, mark)
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / args.steps * 1e3
+        wall = (time.perf_counter() - mark.t0) / args.steps * 1e3
     finally:
         type(fn).__call__ = plain
-    rows = [(name, (tc - t0) * 1e3, ref.elapsed_time(e)) for tc, e, name in marks]
-    last = max(i for i, r in enumerate(rows) if r[0] == "step")  # the last step's marks
+    rows = mark.rows()
+    last = max(i for i, r in enumerate(rows) if r[0] == "forward")  # the last step's marks
     seg = rows[last:]
     out = {"spec": {k: spec.get(k) for k in ("keep_on_gpu", "save_kept", "stream_weights", "weights_mode")},
            "auto": fn.auto_report, "wall_step_ms": round(wall, 1),

@@ -23,15 +23,31 @@ import torch
 from shapes import LLAMA_8B
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("step_lead.py needs a CUDA GPU")
+class Marks:
+    """CUDA events stamped with the CPU clock when queued, from one reference point (also block_lead.py's)."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, torch.cuda.Event, str]] = []
+        self.ref = torch.cuda.Event(enable_timing=True)
+        self.t0 = time.perf_counter()
+        self.ref.record()
+
+    def __call__(self, name: str) -> None:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.marks.append((time.perf_counter(), e, name))
+
+    def rows(self) -> list[tuple[str, float, float]]:
+        """(name, CPU ms, GPU ms) of every mark, once the GPU is done."""
+        return [(name, (tc - self.t0) * 1e3, self.ref.elapsed_time(e)) for tc, e, name in self.marks]
+
+
+def setup(overrides: dict | None = None, warmup: int = 3):
+    """memory.py's tunery_act QLoRA step (8B shape, 2 x 2048), its optimizer and a batch maker, after
+    `warmup` steps."""
     from tunery.train.loop import freeze_long_lived  # importable once memory put src/ on the path
 
-    spec = M.speed_spec("tunery_act", "qlora", LLAMA_8B, 2048, 2, loss_sync="end")
+    spec = M.speed_spec("tunery_act", "qlora", LLAMA_8B, 2048, 2, loss_sync="end", overrides=overrides)
     model, step, _ = M.build_tunery(spec, "cuda")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     gen = torch.Generator().manual_seed(0)
@@ -40,21 +56,15 @@ def main() -> None:
     def batch():
         return M._batch(spec, spec["model"]["vocab_size"], gen, "cuda")
 
-    for _ in range(3):
+    for _ in range(warmup):
         M._train_step(step, opt, None, "cuda", batch())
     torch.cuda.synchronize()
-    marks: list[tuple[float, torch.cuda.Event, str]] = []
+    return spec, model, step, opt, batch
 
-    def mark(name: str) -> None:
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        marks.append((time.perf_counter(), e, name))
 
-    ref = torch.cuda.Event(enable_timing=True)
-    t0 = time.perf_counter()
-    ref.record()
-    th0 = time.thread_time()
-    for _ in range(args.steps):
+def marked_steps(step, opt, batch, steps: int, mark: Marks) -> None:
+    """`steps` training steps with a mark before the forward, the backward and the optimizer, and at the end."""
+    for _ in range(steps):
         ids = batch()
         mark("forward")
         loss = step(ids)
@@ -64,13 +74,23 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
     mark("end")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("step_lead.py needs a CUDA GPU")
+    _, _, step, opt, batch = setup()
+    mark = Marks()
+    th0 = time.thread_time()
+    marked_steps(step, opt, batch, args.steps, mark)
     th1 = time.thread_time()
     torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - mark.t0
     print(f"{'phase':<10} {'cpu ms':>8} {'gpu ms':>8} {'lead ms':>8}")
-    for tc, e, name in marks:
-        g = ref.elapsed_time(e)
-        c = (tc - t0) * 1e3
+    for name, c, g in mark.rows():
         print(f"{name:<10} {c:8.1f} {g:8.1f} {g - c:8.1f}")
     print(json.dumps({"wall_step_ms": round(wall / args.steps * 1e3, 1),
                       "main_thread_cpu_step_ms": round((th1 - th0) / args.steps * 1e3, 1)}))
