@@ -345,6 +345,9 @@ class WeightGap:
             main = torch.cuda.current_stream(self.device)
             main.wait_event(ev)
             self.flat[idx].record_stream(main)  # freed (after the next forward) only once the kernels reading it ran
+        m, name, _, _ = self.items[idx][0]
+        if m._buffers[name] is self.gpu[idx][0]:  # in place already (a training forward loads, then its pre-hook)
+            return
         for (m, name, _, _), t in zip(self.items[idx], self.gpu[idx]):
             _put(m, name, t)
 
