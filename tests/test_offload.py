@@ -622,9 +622,9 @@ def test_calibration_counts_the_median_block_not_a_stalled_one():
             t.append(t[-1] + ms)
         cal.start, cal.blocks, cal.end = Ev(t[0]), [Ev(v) for v in t[1:-1]], Ev(t[-1])
         cal.copies, cal.bytes = [(Ev(0.0), Ev(50.0))], 1000
-        return cal.result(), cal.span_ms
+        return cal.result()
 
-    (forward, copy_ms, copied), span = timed([3.0] * 30 + [60.0, 3.0])
+    forward, copy_ms, copied, span = timed([3.0] * 30 + [60.0, 3.0])
     assert span == 153.0 and forward == 96.0 and copy_ms == 50.0 and copied == 1000
-    (forward, _, _), span = timed([3.0, 1.0, 3.0, 3.0])  # shorter than the median x blocks: the span
+    forward, _, _, span = timed([3.0, 1.0, 3.0, 3.0])  # shorter than the median x blocks: the span
     assert forward == span == 10.0

@@ -494,8 +494,8 @@ class OffloadCheckpoint:
         self.save_mlp = frozenset(kept) if self.auto else frozenset(save_mlp) | frozenset(kept)
         self.auto_report: dict | None = None
         self._cal: _Calibration | None = None
-        self._timed: list[tuple[float, float, int]] = []  # (forward ms, copy ms, bytes) of finished timed forwards
-        self._spans: list[float] = []  # their start-to-end spans (reported)
+        # (forward ms, copy ms, bytes copied, start-to-end span ms) of the finished timed forwards
+        self._timed: list[tuple[float, float, int, float]] = []
         self._gate_up_bytes = 0
         self._forwards = 0
         self.num_layers = num_layers
@@ -645,7 +645,6 @@ class OffloadCheckpoint:
             if not all(e.query() for e in cal.all_events()):
                 return  # the GPU is still behind: look again at the next forward
             self._timed.append(cal.result())
-            self._spans.append(cal.span_ms)
             cal = self._cal = None
         if len(self._timed) >= CALIBRATION_FORWARDS:
             self._decide()
@@ -660,13 +659,13 @@ class OffloadCheckpoint:
 
     def _decide(self) -> None:
         self.auto = False
-        forward_ms, copy_ms, copied = min(self._timed)
+        forward_ms, copy_ms, copied, _ = min(self._timed)
         n_off = self.num_layers - min(self.keep_on_gpu, self.num_layers)
         n = gate_up_blocks_that_fit(forward_ms, copy_ms, copied, self._gate_up_bytes, n_off)
         n = min(n, max(0, _host_free() // 2 - self.pool.total_bytes) // self._gate_up_bytes)  # host memory too
         self.save_mlp = frozenset(save_mlp_layers(self.num_layers, self.keep_on_gpu, self.save_kept, n))
         self.auto_report = {"forward_ms": round(forward_ms, 1), "forwards_ms": [round(t[0], 1) for t in self._timed],
-                            "spans_ms": [round(t, 1) for t in self._spans],
+                            "spans_ms": [round(t[3], 1) for t in self._timed],
                             "copied_gb": round(copied / 1e9, 2),
                             "copy_gbps": round(copied / copy_ms / 1e6, 1) if copy_ms else None,
                             "save_mlp_blocks": n}
@@ -718,12 +717,11 @@ class _Calibration:
     def __init__(self):
         self.start = self.end = None
         self.blocks: list = []  # an event at the start of each block after the first (compute stream)
-        self.span_ms: float | None = None
         self.copies: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.bytes = 0
 
-    def result(self) -> tuple[float, float, int]:
-        """(forward ms, copy ms, bytes copied out) once every event is done. The forward is the median
+    def result(self) -> tuple[float, float, int, float]:
+        """(forward ms, copy ms, bytes copied out, span ms) once every event is done. The forward is the median
         block's time x the blocks, when that is shorter than the whole span: the span also counts the
         GPU waiting on the host (a slow launch, the allocator, a collector pause) within a few blocks,
         which once read 120-200 ms where the blocks ran ~105 and let too many blocks keep gate/up."""
@@ -731,8 +729,7 @@ class _Calibration:
         marks = [self.start, *self.blocks, self.end]
         blocks = sorted(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
         forward = min(span, blocks[len(blocks) // 2] * len(blocks)) if len(blocks) > 2 else span
-        self.span_ms = span
-        return (forward, sum(a.elapsed_time(b) for a, b in self.copies), self.bytes)
+        return (forward, sum(a.elapsed_time(b) for a, b in self.copies), self.bytes, span)
 
     @staticmethod
     def event(stream) -> torch.cuda.Event:
