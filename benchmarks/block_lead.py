@@ -9,7 +9,8 @@ event's GPU time minus its CPU time (both from one reference point), i.e. how mu
 still had when the CPU got there. A lead that falls block after block means the CPU takes longer per
 block than the GPU: that stretch is CPU-bound. A flat lead is the launch queue full (GPU-bound).
 `--set` takes memory.py's overrides (`--set keep_on_gpu=10`); `--gap` is memory.py's `--set gap=true`.
-Prints one JSON line; `--profile` adds a torch.profiler table or a cProfile listing of two more steps.
+Prints one JSON line; `--profile` adds torch.profiler tables (by CPU, then by GPU time) or a cProfile
+listing of two more steps.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def _profile(kind: str, step, opt, batch) -> None:
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             two_steps()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=60))
+        table = prof.key_averages()
+        print(table.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=60))
+        print(table.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=60))
         return
     import cProfile
     import io

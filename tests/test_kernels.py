@@ -350,6 +350,55 @@ def test_cast_params_cache_follows_the_optimizer_and_in_place_changes(monkeypatc
     assert cast_params([a], torch.float32) is a
 
 
+def test_cached_block_diag_is_refreshed_in_place_and_holds_nothing_alive():
+    """The adapters' block-diagonal B (the K-concat QLoRA GEMM) is built once, then refreshed in place
+    with the other cached copies after each optimizer step (no torch.block_diag per step), is rebuilt
+    when a B moves to other storage, and the refresh plan kept between steps holds no parameter or
+    copy of a deleted model alive."""
+    import gc
+    import weakref
+
+    import tunery.kernels as kernels
+    from tunery.kernels import cached_block_diag, cast_params
+
+    torch.manual_seed(0)
+    bs = [nn.Parameter(torch.randn(o, r)) for o, r in ((6, 2), (3, 2), (3, 1))]
+    a = nn.Parameter(torch.randn(5, 4))
+    first = cached_block_diag(bs, torch.bfloat16)
+    torch.testing.assert_close(first, torch.block_diag(*bs).detach().bfloat16())
+    assert cached_block_diag(bs, torch.bfloat16) is first
+    scaled = cast_params([a], torch.bfloat16, 2.0)
+    opt = torch.optim.AdamW([*bs, a], lr=0.1)
+    built = []
+    orig = torch.block_diag
+    kernels.torch.block_diag = lambda *t: built.append(1) or orig(*t)  # (the checks below call orig)
+    try:
+        for _ in range(3):
+            (sum(b.sum() for b in bs) + a.sum()).backward()
+            opt.step()
+            opt.zero_grad()
+            again = cached_block_diag(bs, torch.bfloat16)
+            assert again is first and built == []
+            torch.testing.assert_close(again, orig(*bs).detach().bfloat16())
+            torch.testing.assert_close(cast_params([a], torch.bfloat16, 2.0), (a * 2.0).detach().bfloat16())
+        with torch.no_grad():
+            bs[1].data = bs[1].data * 3  # moved: built again, at its new values
+        opt.step()
+        torch.testing.assert_close(cached_block_diag(bs, torch.bfloat16), orig(*bs).detach().bfloat16())
+        assert built == [1]
+        opt.step()  # the plan is made again without the replaced entry, then refreshes the new one
+        torch.testing.assert_close(cached_block_diag(bs, torch.bfloat16), orig(*bs).detach().bfloat16())
+        assert scaled is cast_params([a], torch.bfloat16, 2.0)
+    finally:
+        kernels.torch.block_diag = orig
+    gone = [weakref.ref(t) for t in (*bs, a, first, scaled)]
+    del bs, a, first, scaled, again, opt
+    gc.collect()
+    assert all(r() is None for r in gone)
+    kernels._refresh_all()  # a plan naming dead entries is dropped and made again
+    assert all(ref() is not None for ref, _ in kernels._LIVE)
+
+
 def test_backend_choice_and_switch():
     x = torch.randn(4, 2, 8)
     assert pick_backend(x, None, None) == "sdpa"

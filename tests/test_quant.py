@@ -160,6 +160,23 @@ def test_module_plumbing_state_dict_and_to():
     assert torch.allclose(q(x), x @ q.weight.dequantize().t() + lin.bias, atol=1e-6)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_storage_as_parameters_for_fsdp_dequantizes_the_same(double_quant):
+    """FSDP shards the 4-bit bytes as frozen parameters (parallel.shard_quantized_storage): the fast
+    reads of the storage (from _buffers) fall back to them, alone and in a dequantize_many group."""
+    from tunery.train.parallel import shard_quantized_storage
+
+    torch.manual_seed(4)
+    ws = [NF4Weight.from_tensor(torch.randn(o, 128), double_quant=double_quant) for o in (64, 32)]
+    want = [w.dequantize() for w in ws]
+    group = NF4Weight.dequantize_many(ws)
+    holder = nn.ModuleList(ws)
+    assert shard_quantized_storage(holder) == len(ws) * (4 if double_quant else 2)
+    assert not ws[0]._buffers and isinstance(ws[0].packed, nn.Parameter)
+    assert all(torch.equal(w.dequantize(), t) for w, t in zip(ws, want))
+    assert all(torch.equal(a, b) for a, b in zip(NF4Weight.dequantize_many(ws), group))
+
+
 def test_nf4_linear_grad_matches_dense():
     torch.manual_seed(4)
     w = NF4Weight.from_tensor(torch.randn(48, 64))

@@ -84,16 +84,32 @@ def cast_params(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple
     """
     if scale == 1.0 and len(ts) == 1 and ts[0].dtype == dtype:
         return ts[0]
+    return _cached(ts, (dtype, scale, len(ts), id(ts[-1])), _cast, dtype, scale)
+
+
+def cached_block_diag(ts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """torch.block_diag of the parameters `ts` in `dtype`, cached and refreshed like cast_params.
+
+    Why: the fused QLoRA projections run the adapters' B inside the base GEMM as a block-diagonal
+    [sum out_i, sum r_i] (kernels/lora.py); rebuilt after every step it cost ~40 us of CPU per group,
+    and 64 of them per step of an 8B model, all at the first block. Refreshed in place, its diagonal
+    blocks join _refresh_all's one multi-tensor copy and the zeros around them never change."""
+    return _cached(ts, ("block_diag", dtype, len(ts), id(ts[-1])), _block_diag, dtype, 1.0)
+
+
+def _cached(ts, which: tuple, make, dtype: torch.dtype, scale) -> torch.Tensor:
+    """The cache behind cast_params and cached_block_diag. An entry, kept in the first parameter's
+    __dict__ under `which`: (stamp, out, weakrefs of ts, scale, parts), where parts[i] is the view of
+    `out` that holds ts[i] (times its scale) and stamp is [step, version, data_ptr, ...] of ts."""
     stamp = [_STEP[0]]
     for t in ts:
         if type(t) is not _Parameter and not isinstance(t, _Parameter):
-            return _cast(ts, dtype, scale)
+            return make(ts, dtype, scale)[0]
         stamp.append(t._version)
         stamp.append(t.data_ptr())
     cache = ts[0].__dict__.get("_tunery_casts")
     if cache is None:
         cache = ts[0]._tunery_casts = {}
-    which = (dtype, scale, len(ts), id(ts[-1]))
     hit = cache.get(which)
     if hit is not None:
         if hit[0] == stamp:
@@ -103,8 +119,9 @@ def cast_params(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple
             hit = cache.get(which)
             if hit[0] == stamp:
                 return hit[1]
-    out = _cast(ts, dtype, scale)
-    cache[which] = (stamp, out, [weakref.ref(t) for t in ts], scale)
+    out, parts = make(ts, dtype, scale)
+    cache[which] = (stamp, out, [weakref.ref(t) for t in ts], scale, parts)
+    _PLAN[0] = None  # the refresh plan lists the entries: made again at the next refresh
     if hit is None:  # a stale entry replaced here is listed already
         _LIVE.append((weakref.ref(ts[0]), which))
     return out
@@ -112,57 +129,116 @@ def cast_params(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple
 
 _LIVE: list[tuple[weakref.ref, tuple]] = []  # (first parameter, cache key) of every cached copy
 _REFRESHED = [-1]  # the optimizer step count of the last _refresh_all
+# _refresh_all's plan, kept from one step to the next while no entry is added or replaced: (first
+# parameter (weak), cache key, data_ptrs) of each entry to refresh. Weak: a deleted model's
+# adapters and cached copies are not kept alive by it.
+_PLAN: list = [None]
 
 
 def _refresh_all() -> None:
     """Recompute every stale cached copy in place (same tensors, new values) whose parameters kept
-    their storage and shapes: one multi-tensor copy (with the cast) and one multiply per scale."""
+    their storage and shapes: one multi-tensor copy (with the cast) and one multiply per scale.
+
+    Which entries to refresh is worked out once and kept (_PLAN) while none is added or replaced:
+    worked out each step it cost ~5 ms of CPU per step of an 8B model, at its first block (a split and
+    a detach per entry). Each step then only checks every parameter is alive at the same storage."""
     _REFRESHED[0] = _STEP[0]
-    dst: list[torch.Tensor] = []
-    src: list[torch.Tensor] = []
+    lists = _planned(_PLAN[0]) if _PLAN[0] is not None else None
+    if lists is None:
+        _PLAN[0] = _make_plan()
+        lists = _planned(_PLAN[0]) or ((), {})
+    copies, scaled = lists
+    with torch.no_grad():
+        for dst, src in copies:
+            if dst:
+                torch._foreach_copy_(dst, src)
+        for s, parts in scaled.items():
+            torch._foreach_mul_(parts, s)
+
+
+def _planned(plan: list) -> tuple | None:
+    """((views to fill, their parameters) for the dense views and for the strided ones, views per
+    scale) of the planned entries, each entry stamped with this step; None, and nothing stamped, if an
+    entry is gone or a parameter moved or changed shape (the plan is made again). Dense (concatenated
+    casts) and strided (block-diagonal blocks) apart: one strided view would send the whole
+    multi-tensor copy down its per-tensor path."""
+    step = _STEP[0]
+    dense: tuple[list, list] = ([], [])
+    strided: tuple[list, list] = ([], [])
     scaled: dict[float, list[torch.Tensor]] = {}
-    live = []
+    stamped = []
+    for ref, which, ptrs in plan:
+        first = ref()
+        cache = first.__dict__.get("_tunery_casts") if first is not None else None
+        entry = cache.get(which) if cache is not None else None
+        if entry is None:
+            return None
+        _, out, refs, scale, parts = entry
+        dst, src = strided if which[0] == "block_diag" else dense
+        new = [step]
+        for r, p, part in zip(refs, ptrs, parts):
+            t = r()
+            if t is None or t.data_ptr() != p or t.shape != part.shape:
+                return None
+            new.append(t._version)
+            new.append(p)
+            src.append(t)
+        dst += parts
+        if isinstance(scale, tuple):
+            for part, s in zip(parts, scale):
+                if s != 1.0:
+                    scaled.setdefault(s, []).append(part)
+        elif scale != 1.0:
+            scaled.setdefault(scale, []).extend(parts)
+        stamped.append((cache, which, new, entry))
+    for cache, which, new, entry in stamped:
+        cache[which] = (new, *entry[1:])
+    return (dense, strided), scaled
+
+
+def _make_plan() -> list:
+    """Every live entry whose parameters kept their storage (one that moved is cast again when next
+    asked); drops the dead ones from _LIVE."""
+    plan, live = [], []
     for ref, which in _LIVE:
         first = ref()
-        entry = first.__dict__.get("_tunery_casts", {}).get(which) if first is not None else None
+        cache = first.__dict__.get("_tunery_casts") if first is not None else None
+        entry = cache.get(which) if cache is not None else None
         ts = [r() for r in entry[2]] if entry is not None else []
         if entry is None or any(t is None for t in ts):
             continue
         live.append((ref, which))
-        stamp, out, refs, scale = entry
-        new = [_STEP[0]]
-        for t in ts:
-            new.append(t._version)
-            new.append(t.data_ptr())
-        if new == stamp or new[2::2] != stamp[2::2] or sum(t.shape[0] for t in ts) != out.shape[0]:
-            continue  # fresh, or a parameter was replaced: cast again when next asked
-        parts = list(out.split([t.shape[0] for t in ts])) if len(ts) > 1 else [out]
-        dst += parts
-        src += [t.detach() for t in ts]
-        for part, s in zip(parts, scale if isinstance(scale, tuple) else [scale] * len(parts), strict=True):
-            if s != 1.0:
-                scaled.setdefault(s, []).append(part)
-        first.__dict__["_tunery_casts"][which] = (new, out, refs, scale)
+        ptrs = [t.data_ptr() for t in ts]
+        if ptrs == entry[0][2::2] and all(t.shape == p.shape for t, p in zip(ts, entry[4])):
+            plan.append((ref, which, ptrs))
     _LIVE[:] = live
-    if dst:
-        with torch.no_grad():
-            torch._foreach_copy_(dst, src)
-            for s, parts in scaled.items():
-                torch._foreach_mul_(parts, s)
+    return plan
 
 
 _Parameter = torch.nn.Parameter
 
 
-def _cast(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple[float, ...]) -> torch.Tensor:
-    """cat(ts) in `dtype`, times `scale` (one factor, or one per tensor)."""
+def _cast(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple[float, ...]) -> tuple:
+    """(cat(ts) in `dtype` times `scale` (one factor, or one per tensor), the part of it from each t)."""
     with torch.no_grad():
         if isinstance(scale, tuple):
-            return torch.cat([t.detach().to(dtype) * s for t, s in zip(ts, scale, strict=True)])
-        out = torch.cat([t.detach() for t in ts]).to(dtype) if len(ts) > 1 else ts[0].detach().to(dtype)
-        if scale != 1.0:
-            out = out * scale if out.data_ptr() == ts[0].data_ptr() else out.mul_(scale)
-    return out
+            out = torch.cat([t.detach().to(dtype) * s for t, s in zip(ts, scale, strict=True)])
+        else:
+            out = torch.cat([t.detach() for t in ts]).to(dtype) if len(ts) > 1 else ts[0].detach().to(dtype)
+            if scale != 1.0:
+                out = out * scale if out.data_ptr() == ts[0].data_ptr() else out.mul_(scale)
+    return out, (list(out.split([t.shape[0] for t in ts])) if len(ts) > 1 else [out])
+
+
+def _block_diag(ts: list[torch.Tensor], dtype: torch.dtype, scale: float = 1.0) -> tuple:
+    """(block_diag(ts) in `dtype`, the diagonal block of each t)."""
+    with torch.no_grad():
+        out = torch.block_diag(*[t.detach().to(dtype) for t in ts])
+    parts, r, c = [], 0, 0
+    for t in ts:
+        parts.append(out[r : r + t.shape[0], c : c + t.shape[1]])
+        r, c = r + t.shape[0], c + t.shape[1]
+    return out, parts
 
 
 def with_host_copy(device_t: torch.Tensor, host_t: torch.Tensor) -> torch.Tensor:
