@@ -275,30 +275,26 @@ class NF4Weight(nn.Module):
         w0 = weights[0]
         dtype = dtype or w0.dtype
         k = w0.shape[-1]
-        packed0 = w0.storage()[0]
-        dev = packed0.device
-        rows, fits, fast = 0, True, 2 <= len(weights) <= 3 and w0.fused
-        parts = []
-        for w in weights:
+        parts = [w.storage() for w in weights]
+        dev = parts[0][0].device
+        rows, fits, fast = 0, True, 2 <= len(weights) <= 3
+        for w, part in zip(weights, parts):
             shape = w.shape
             rows += shape[0]
             fits = fits and len(shape) == 2 and shape[1] == k
-            if fast:
-                part = w.storage()
-                fast = (w.fused and w.double_quant == w0.double_quant and shape.numel() % BLOCK == 0
-                        and w.dtype == w0.dtype and part[0].device == dev)
-                parts.append(part)
+            fast = (fast and w.fused and w.double_quant == w0.double_quant and shape.numel() % BLOCK == 0
+                    and w.dtype == w0.dtype and part[0].device == dev)
         if out is not None and (out.dim() != 2 or out.stride(1) != 1 or out.shape[1] < k or out.dtype != dtype
                                 or out.shape[0] != rows or not fits):
             raise ValueError(f"dequantize_many: out {tuple(out.shape)} does not fit weights "
                              f"{[tuple(w.shape) for w in weights]} ({dtype})")
         from ..kernels import use_triton_for
 
-        if fast and (out is None or k % BLOCK == 0) and use_triton_for(packed0):
+        if fast and (out is None or k % BLOCK == 0) and use_triton_for(parts[0][0]):
             from .triton_nf4 import dequantize_nf4_many_triton
 
             if out is None:
-                buf = torch.empty(sum(w.numel() for w in weights), dtype=dtype, device=w0.packed.device)
+                buf = torch.empty(sum(w.numel() for w in weights), dtype=dtype, device=dev)
                 outs = list(buf.split([w.numel() for w in weights]))
                 dequantize_nf4_many_triton(parts, outs)
                 return [o.view(w.shape) for o, w in zip(outs, weights)]
