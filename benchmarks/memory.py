@@ -180,7 +180,7 @@ def build_tunery(spec: dict, device: str):
 
     docs = max(1, int(spec.get("docs", 1)))
 
-    def step(ids):
+    def step(ids, embeds=None):
         b, t = ids.shape
         if state.get("shape") != (b, t):
             doc = -(-t // docs)  # each row holds `docs` documents (position ids restart, attention stays inside)
@@ -189,7 +189,7 @@ def build_tunery(spec: dict, device: str):
             starts = [r * t + s for r in range(b) for s in range(0, t, doc)] + [b * t]
             state["cu"] = torch.tensor(starts, device=ids.device, dtype=torch.int32)
             state["max"] = doc
-        hidden = model(ids, state["pos"], state["cu"], state["max"])
+        hidden = model(ids, state["pos"], state["cu"], state["max"], embeds=embeds)
         flat = hidden.reshape(b * t, -1)
         labels = ids.reshape(-1)[1:]
         host = host_copy(ids) if spec.get("label_host", True) else None
@@ -198,6 +198,20 @@ def build_tunery(spec: dict, device: str):
         return linear_cross_entropy(flat[:-1], model.head_weight, labels) / labels.numel()
 
     return model, step, None
+
+
+def graph_train_step(model, step, opt):
+    """--set graph=true: the tunery step captured whole as a CUDA graph (train/cuda_graph.py) after two
+    eager steps; the CPU-held embedding is looked up outside it and handed in."""
+    from tunery.train.cuda_graph import StepGraph
+
+    sg = StepGraph(step, opt, checkpoint=getattr(model.model, "checkpoint_fn", None), warmup=2)
+
+    def train_step(ids):
+        return sg.step(None, ids=ids, embeds=model.embed(ids))
+
+    train_step.graph = sg
+    return train_step
 
 
 def _materialize_hf(model, device: str, seed: int = 0) -> None:
@@ -328,6 +342,7 @@ def worker(spec: dict) -> dict:
             pauses.append(1e3 * (time.perf_counter() - gc_t0[0]))
 
     gc.callbacks.append(gc_watch)
+    graph_step = graph_train_step(model, step, opt) if spec.get("graph") and cuda else None
     for i in range(n_steps):
         if i == spec["warmup"]:
             if cuda:
@@ -342,7 +357,10 @@ def worker(spec: dict) -> dict:
                 gc.disable()
             t_start = time.perf_counter()
             res["timed_from"] = time.time()  # the parent's clock sampler keeps the samples in this window
-        loss = _train_step(step, opt, autocast, device, _batch(spec, vocab, gen, device))
+        if graph_step is not None:
+            loss = graph_step(_batch(spec, vocab, gen, device))
+        else:
+            loss = _train_step(step, opt, autocast, device, _batch(spec, vocab, gen, device))
         # "step": read the loss every step (a host sync each step, as before); "end": keep it on the device
         # and read all losses after the timed steps (how a training loop that logs every N steps runs)
         losses.append(float(loss.item()) if spec.get("loss_sync", "step") == "step" else loss.detach())
@@ -366,6 +384,9 @@ def worker(spec: dict) -> dict:
         res["phases_ms"] = _phase_times(spec, step, opt, autocast, device, vocab, gen)
     if spec.get("profile"):
         _profile_step(spec, step, opt, autocast, device, vocab, gen)
+    if graph_step is not None:
+        sg = graph_step.graph
+        res["graph"] = {"replays": sg.replays, "eager_steps": sg.eager_steps, "why_eager": sg.why_eager}
     fn = getattr(getattr(model, "model", None), "checkpoint_fn", None)
     if hasattr(fn, "host_bytes"):
         res["host_pinned_gib"] = round(fn.host_bytes / GiB, 2)

@@ -369,15 +369,16 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> final hidden states [B, T, H] (after the last norm)."""
+                cache: KVCache | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> final hidden states [B, T, H] (after the last norm). `embeds`: the ids'
+        embedding made beforehand (a CUDA-graph step looks up the CPU-held table outside the graph)."""
         b, t = input_ids.shape
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
         if cache is None and cu_seqlens is None:
             cu_seqlens, max_seqlen = doc_boundaries(position_ids)
-        x = self.embed(input_ids)
+        x = self.embed(input_ids) if embeds is None else embeds
         rope = self.rope(position_ids, x.dtype)
         ckpt = self.model.checkpoint_fn if (self.training and cache is None) else None
         for layer in self.model.layers:

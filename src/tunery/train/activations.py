@@ -25,6 +25,7 @@ never exist for the whole row at once. The MLP is per-token, so the result is ex
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import weakref
 from collections.abc import Callable, Iterable
@@ -344,6 +345,8 @@ class _ActGroup:
         self.keys: dict[tuple, int] = {}
         self.gpu: list[torch.Tensor] | None = None
         self.event = self.copied = None  # copied: the copies out are done (the way back waits for it)
+        self.own = False  # the copies back were allocated on the compute stream (under graph capture)
+        self.idx = 0  # the block's index (OffloadCheckpoint._activations sets it)
         self.prev: weakref.ref | None = None
         self.bytes = 0
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host view, device tensor) to copy
@@ -358,7 +361,9 @@ class _ActGroup:
                     host.copy_(t)
             elif self.pending:
                 stream = self.owner.stream
-                stream.wait_stream(torch.cuda.current_stream(self.pending[0][1].device))
+                main = torch.cuda.current_stream(self.pending[0][1].device)
+                capturing = torch.cuda.is_current_stream_capturing()
+                stream.wait_stream(main)
                 stream.wait_stream(self.owner.h2d_stream)  # pooled host buffers may still feed copies back
                 cal = self.owner._cal if self.owner._cal is not None and self.owner._cal.end is None else None
                 with torch.cuda.stream(stream):
@@ -366,12 +371,15 @@ class _ActGroup:
                         began = cal.event(stream)
                     for host, t in self.pending:
                         host.copy_(t, non_blocking=True)
-                        t.record_stream(stream)  # the block's memory is not reused before the copy has read it
+                        if not capturing:
+                            t.record_stream(stream)  # the block's memory is not reused before the copy has read it
                     self.copied = torch.cuda.Event()
                     self.copied.record(stream)
                     if cal is not None:
                         cal.copies.append((began, cal.event(stream)))
                         cal.bytes += self.bytes
+                if capturing:  # record_stream would keep the memory until the capture ends (train/cuda_graph.py)
+                    self.owner.hold(self.idx, self.copied, [t for _, t in self.pending])
         self.pending.clear()
         self.keys.clear()
 
@@ -440,6 +448,21 @@ class _ActGroup:
         stream = self.owner.h2d_stream
         if self.copied is not None:
             stream.wait_event(self.copied)
+        if torch.cuda.is_current_stream_capturing():
+            # allocated on the compute stream, which frees them: memory made on a side stream and used
+            # on another is not reused until a capture ends (record_stream), and the whole backward's
+            # activations would pile up. The copy waits for the compute stream's work so far, which may
+            # still read this memory's last owner.
+            self.gpu = [torch.empty_strided(shape, stride, dtype=dtype, device=dev)
+                        for _, shape, stride, dtype, dev in self.items]
+            self.own = True
+            stream.wait_stream(torch.cuda.current_stream(self.gpu[0].device))
+            with torch.cuda.stream(stream):
+                for t, (h, *_) in zip(self.gpu, self.items):
+                    t.copy_(h, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(stream)
+            return
         with torch.cuda.stream(stream):
             self.gpu = [torch.empty_strided(shape, stride, dtype=dtype, device=dev).copy_(h, non_blocking=True)
                         for h, shape, stride, dtype, dev in self.items]
@@ -447,18 +470,23 @@ class _ActGroup:
             self.event.record(stream)
 
     def load(self) -> None:
+        if self.owner.held:  # under graph capture: the backward has begun, every copy out is waited for
+            self.owner.release_held(None, self.items[0][4])
         self.prefetch()
         if self.event is not None:
             main = torch.cuda.current_stream(self.gpu[0].device)
             main.wait_event(self.event)
-            for t in self.gpu:
-                t.record_stream(main)
+            if not self.own:
+                for t in self.gpu:
+                    t.record_stream(main)
             self.event = None
 
 
 CALIBRATION_FORWARDS = 3  # save_mlp "auto": timed forwards, the shortest decides (one slow one, e.g. 200 ms
 # against ~110 on an H200, once let 22 blocks of 22 keep gate/up: the copies out then held the step back)
+CALIBRATION_SLEEP_CYCLES = 200_000_000  # GPU clock cycles before a timed forward: 0.1-0.13 s at 1.5-2 GHz
 PREFETCH_LEAD = 2  # kept blocks of backward that the copy back of the last offloaded block overlaps
+HOLD_BLOCKS = 3  # under graph capture: block i's copies out must be done when block i + 3 starts
 
 
 class OffloadCheckpoint:
@@ -509,6 +537,9 @@ class OffloadCheckpoint:
         self._last_group: weakref.ref | None = None
         self.layer_index: dict[int, int] = {}
         self.weights: WeightStream | WeightGap | None = None  # offload_weights: frozen 4-bit weights (weight_stream.py)
+        # under graph capture: (copy-out event, tensors) of the latest blocks, kept alive until the compute
+        # stream has waited for their copies out (hold, release_held)
+        self.held: collections.deque[tuple[int, Any, list[torch.Tensor]]] = collections.deque()
         self._param_ptrs: dict[int, set[int]] = {}
         self.last_strategy: str | None = None
 
@@ -544,6 +575,8 @@ class OffloadCheckpoint:
                  max_seqlen: int | None) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return layer(x, rope, cu_seqlens, max_seqlen)
+        if self.held:
+            self.release_held(self.layer_index.get(id(layer), 0) - HOLD_BLOCKS, x.device)
         idx = self.layer_index.get(id(layer), 0)
         ws = self.weights
         if ws is None:
@@ -557,6 +590,37 @@ class OffloadCheckpoint:
         ws.backward_hook(y, idx)  # the block's weights come back when its backward starts
         ws.after_forward(idx)
         return y
+
+    # ---- CUDA graph capture of a whole step (train/cuda_graph.py) ----
+    def graph_blocker(self) -> str | None:
+        """Why a step through this checkpointing cannot be captured as a CUDA graph now; None if it can.
+        A captured step replays its launches with no host code: what the host decides per step (timing
+        forwards, streamed weights' waits, the inputs strategy's side-stream memory) must be settled."""
+        if self.auto:
+            return "offload_save_mlp auto is still timing forwards"
+        if self.weights is not None:
+            return "offload_weights moves weights with host-side waits"
+        if self.last_strategy not in (None, "activations"):
+            return f"offload strategy {self.last_strategy!r} (only 'activations' is captured)"
+        return None
+
+    def side_streams(self) -> list:
+        """The copy streams, which a capture forks from and joins back to its own."""
+        return [self.stream, self.h2d_stream]
+
+    def hold(self, idx: int, event, tensors: list[torch.Tensor]) -> None:
+        """Under capture: keep block idx's offloaded tensors alive until the compute stream has waited
+        for their copies out (when block idx + HOLD_BLOCKS starts, kept blocks counted, or when the
+        backward begins), instead of record_stream, whose memory a capture never reuses."""
+        self.held.append((idx, event, tensors))
+
+    def release_held(self, upto: int | None, device: torch.device) -> None:
+        """The compute stream waits for the copies out of the held blocks up to index `upto` (None: all),
+        and lets their memory go."""
+        main = torch.cuda.current_stream(device)
+        while self.held and (upto is None or self.held[0][0] <= upto):
+            _, event, _ = self.held.popleft()
+            main.wait_event(event)
 
     def stop_streaming(self) -> None:
         """offload_weights off: hooks removed, every streamed weight back on the GPU for good."""
@@ -655,6 +719,11 @@ class OffloadCheckpoint:
             return
         self._gate_up_bytes = 2 * (x.numel() // x.shape[-1]) * inter * x.element_size()
         self._cal = cal = _Calibration()
+        if x.is_cuda:
+            # the GPU idles first (~0.1 s) while the host queues the timed forward ahead of it: on a host
+            # slower than the GPU the blocks' events otherwise time the host, and a forward of ~112 ms of
+            # GPU work read 198 ms and let 25 blocks keep gate/up (benchmarks/RESULTS.md, 14th session)
+            torch.cuda._sleep(CALIBRATION_SLEEP_CYCLES)
         cal.start = cal.event(torch.cuda.current_stream(x.device))
 
     def _decide(self) -> None:
@@ -685,6 +754,7 @@ class OffloadCheckpoint:
         frozen = self._param_ptrs[key] | ws.device_ptrs(idx) if moving else self._param_ptrs[key]
         shared = {t.untyped_storage().data_ptr() for t in _tensors((rope, cu_seqlens))}
         group = _ActGroup(self, frozen | shared, self.simulate)
+        group.idx = idx
         group.prev = None if first else self._last_group
         # the fused MLP recomputes gate/up in backward instead of saving them (unless idx is in save_mlp):
         # offloading them would move 2 x intermediate/hidden (7x for Llama-8B) more bytes per block

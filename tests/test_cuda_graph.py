@@ -1,0 +1,143 @@
+"""A training step captured as a CUDA graph trains exactly as the eager step does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunery.adapters import LINEAR_NAMES, inject_lora
+from tunery.train.activations import OffloadCheckpoint, apply_checkpointing
+from tunery.train.cuda_graph import StepGraph
+
+HF = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+          num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256)
+
+
+def _model(device: str):
+    from tunery.models.decoder import CausalLM
+    from tunery.models.registry import decoder_config
+
+    torch.manual_seed(0)
+    m = CausalLM(decoder_config(HF))
+    for n, p in m.named_parameters():
+        with torch.no_grad():
+            p.copy_(torch.ones_like(p) if n.endswith("norm.weight") else torch.randn_like(p) * 0.1)
+    inject_lora(m, list(LINEAR_NAMES), 4, 8)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    m = m.to(device)
+    if device == "cuda":  # as the trainer runs it: a bf16 base (fused attention), fp32 adapters
+        for p in m.parameters():
+            p.data = p.data.float() if p.requires_grad else p.data.bfloat16()
+    return m
+
+
+def _batches(n: int, t: int, device: str, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (2, t), generator=g).to(device) for _ in range(n)]
+
+
+def _setup(base, device: str, offload: bool):
+    from tunery.models.decoder import doc_boundaries
+
+    m = copy.deepcopy(base)
+    m.train()
+    fn = None
+    if offload:
+        fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations", keep_on_gpu=1, save_mlp=[0])
+        fn.min_bytes = 1024
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, fused=device == "cuda")
+    shapes: dict = {}
+
+    def loss_fn(ids):
+        b, t = ids.shape
+        if t not in shapes:  # two documents per row: attention stays inside each
+            pos = torch.cat([torch.arange(t // 3), torch.arange(t - t // 3)]).expand(b, t).to(ids.device)
+            shapes[t] = (pos, *doc_boundaries(pos))
+        pos, cu, max_len = shapes[t]
+        h = m(ids, pos, cu, max_len)
+        return F.cross_entropy(m.logits(h)[:, :-1].reshape(-1, HF["vocab_size"]).float(), ids[:, 1:].reshape(-1))
+
+    return m, fn, opt, loss_fn
+
+
+def _eager_losses(m, opt, loss_fn, batches):
+    out = []
+    for ids in batches:
+        loss = loss_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append(loss.item())
+    return out
+
+
+def _adapters(m):
+    return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_step_graph_on_cpu_runs_eagerly_and_trains_as_the_plain_loop():
+    base = _model("cpu")
+    m0, _, opt0, loss0 = _setup(base, "cpu", offload=False)
+    m1, _, opt1, loss1 = _setup(base, "cpu", offload=False)
+    batches = _batches(4, 24, "cpu")
+    ref = _eager_losses(m0, opt0, loss0, batches)
+    sg = StepGraph(loss1, opt1, warmup=1)
+    got = [sg.step(ids=ids).item() for ids in batches]
+    assert got == ref and sg.replays == 0 and sg.eager_steps == 4
+    assert sg.why_eager == "the inputs are not all CUDA tensors"
+    a, b = _adapters(m0), _adapters(m1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_graph_waits_for_what_the_checkpointing_still_decides_on_the_host():
+    fn = OffloadCheckpoint(num_layers=4, keep_on_gpu=1, strategy="activations", save_mlp="auto")
+    assert "auto" in fn.graph_blocker()
+    fn.auto = False
+    assert fn.graph_blocker() is None
+    fn.last_strategy = "inputs"
+    assert "inputs" in fn.graph_blocker()
+
+
+def test_step_graph_names_what_differs_from_the_captured_step():
+    sg = StepGraph(lambda ids: ids.sum(), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+    sg.static, sg.key = {"ids": torch.zeros(2, 8, dtype=torch.long)}, 8
+    assert sg._mismatch(8, {"ids": torch.ones(2, 8, dtype=torch.long)}) is None
+    assert "key 9" in sg._mismatch(9, {"ids": torch.ones(2, 8, dtype=torch.long)})
+    assert "(2, 9)" in sg._mismatch(8, {"ids": torch.ones(2, 9, dtype=torch.long)})
+    assert "'pos'" in sg._mismatch(8, {"ids": torch.ones(2, 8, dtype=torch.long), "pos": torch.ones(1)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", [False, True])
+def test_gpu_step_graph_trains_as_the_eager_loop(offload):
+    """Fused kernels, fused AdamW and (offload) activations through pinned host memory, captured after
+    two eager steps: the same losses and adapters as the eager loop, step by step; a batch of another
+    length runs eagerly in between and the replays after it still match. (Flash attention's backward
+    accumulates with atomics, so the runs agree to rounding, and Adam's steps to a fraction of lr.)"""
+    base = _model("cuda")
+    m0, fn0, opt0, loss0 = _setup(base, "cuda", offload)
+    m1, fn1, opt1, loss1 = _setup(base, "cuda", offload)
+    batches = _batches(6, 48, "cuda")
+    odd = _batches(1, 36, "cuda", seed=2)[0]
+    order = batches[:4] + [odd] + batches[4:]
+    ref = _eager_losses(m0, opt0, loss0, order)
+    sg = StepGraph(loss1, opt1, checkpoint=fn1, warmup=2)
+    got = []
+    for ids in order:
+        got.append(sg.step(None, ids=ids).item())
+        if ids is odd:
+            assert "(2, 36)" in sg.why_eager
+    torch.cuda.synchronize()
+    assert sg.replays == 4 and sg.eager_steps == 3, (sg.replays, sg.eager_steps, sg.why_eager)
+    assert got == pytest.approx(ref, rel=2e-3)
+    a, b, start = _adapters(m0), _adapters(m1), _adapters(base)
+    moved = sum((a[k] - start[k]).abs().sum().item() for k in a)
+    apart = sum((a[k] - b[k]).abs().sum().item() for k in a)
+    assert apart < 0.02 * moved, (apart, moved)  # 7 Adam steps of lr 1e-3 moved them; the two runs agree
+    if offload:
+        assert fn1.host_bytes > 0 and not fn1.held
