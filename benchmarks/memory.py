@@ -208,7 +208,8 @@ def graph_train_step(model, step, opt):
     sg = StepGraph(step, opt, checkpoint=getattr(model.model, "checkpoint_fn", None), warmup=2)
 
     def train_step(ids):
-        return sg.step(None, ids=ids, embeds=model.embed(ids))
+        losses, _ = sg.step(None, [dict(ids=ids, embeds=model.embed(ids))])
+        return losses[0]
 
     train_step.graph = sg
     return train_step

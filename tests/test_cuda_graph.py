@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_step_graph_on_cpu_runs_eagerly_and_trains_as_the_plain_loop():
     batches = _batches(4, 24, "cpu")
     ref = _eager_losses(m0, opt0, loss0, batches)
     sg = StepGraph(loss1, opt1, warmup=1)
-    got = [sg.step(ids=ids).item() for ids in batches]
+    got = [sg.step(None, [dict(ids=ids)])[0][0].item() for ids in batches]
     assert got == ref and sg.replays == 0 and sg.eager_steps == 4
     assert sg.why_eager == "the inputs are not all CUDA tensors"
     a, b = _adapters(m0), _adapters(m1)
@@ -105,11 +106,12 @@ def test_step_graph_waits_for_what_the_checkpointing_still_decides_on_the_host()
 
 def test_step_graph_names_what_differs_from_the_captured_step():
     sg = StepGraph(lambda ids: ids.sum(), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
-    sg.static, sg.key = {"ids": torch.zeros(2, 8, dtype=torch.long)}, 8
-    assert sg._mismatch(8, {"ids": torch.ones(2, 8, dtype=torch.long)}) is None
-    assert "key 9" in sg._mismatch(9, {"ids": torch.ones(2, 8, dtype=torch.long)})
-    assert "(2, 9)" in sg._mismatch(8, {"ids": torch.ones(2, 9, dtype=torch.long)})
-    assert "'pos'" in sg._mismatch(8, {"ids": torch.ones(2, 8, dtype=torch.long), "pos": torch.ones(1)})
+    sg.static, sg.key = [{"ids": torch.zeros(2, 8, dtype=torch.long)}], 8
+    assert sg._mismatch(8, [{"ids": torch.ones(2, 8, dtype=torch.long)}]) is None
+    assert "key 9" in sg._mismatch(9, [{"ids": torch.ones(2, 8, dtype=torch.long)}])
+    assert "(2, 9)" in sg._mismatch(8, [{"ids": torch.ones(2, 9, dtype=torch.long)}])
+    assert "'pos'" in sg._mismatch(8, [{"ids": torch.ones(2, 8, dtype=torch.long), "pos": torch.ones(1)}])
+    assert "2 micro-batches" in sg._mismatch(8, [{"ids": torch.ones(2, 8, dtype=torch.long)}] * 2)
 
 
 @pytest.mark.gpu
@@ -129,7 +131,7 @@ def test_gpu_step_graph_trains_as_the_eager_loop(offload):
     sg = StepGraph(loss1, opt1, checkpoint=fn1, warmup=2)
     got = []
     for ids in order:
-        got.append(sg.step(None, ids=ids).item())
+        got.append(sg.step(None, [dict(ids=ids)])[0][0].item())
         if ids is odd:
             assert "(2, 36)" in sg.why_eager
     torch.cuda.synchronize()
@@ -141,3 +143,69 @@ def test_gpu_step_graph_trains_as_the_eager_loop(offload):
     assert apart < 0.02 * moved, (apart, moved)  # 7 Adam steps of lr 1e-3 moved them; the two runs agree
     if offload:
         assert fn1.host_bytes > 0 and not fn1.held
+
+
+def test_pad_flat_batch_gives_fixed_shapes_that_train_the_same_tokens():
+    """Padding is documents of at most max_seqlen tokens with label -100, then zero-length documents; the
+    real tokens, labels and positions are untouched; a batch that does not fit is refused."""
+    from tunery.data.collate import collate_sft
+    from tunery.train.cuda_graph import pad_flat_batch
+
+    rows = [{"input_ids": list(range(1, 8)), "labels": [-100] * 3 + list(range(4, 8))},
+            {"input_ids": list(range(10, 15)), "labels": list(range(10, 15))}]
+    b = collate_sft(rows)  # 12 tokens, 2 documents
+    p = pad_flat_batch(b, tokens=32, docs=6, max_seqlen=8, pad_id=0)
+    assert p["input_ids"].shape == (1, 32) and p["labels"].shape == (1, 32) and p["position_ids"].shape == (1, 32)
+    assert torch.equal(p["input_ids"][0, :12], b["input_ids"][0]) and torch.equal(p["labels"][0, :12], b["labels"][0])
+    assert (p["labels"][0, 12:] == -100).all() and (p["input_ids"][0, 12:] == 0).all()
+    assert p["cu_seqlens"].tolist() == [0, 7, 12, 20, 28, 32, 32] and p["max_seqlen"] == 8
+    assert p["position_ids"][0, 12:].tolist() == list(range(8)) + list(range(8)) + list(range(4))
+    assert pad_flat_batch(b, tokens=32, docs=4, max_seqlen=8) is None  # 2 + 3 padding documents > 4
+    assert pad_flat_batch(b, tokens=8, docs=8, max_seqlen=8) is None  # 12 tokens > 8
+    full = pad_flat_batch(b, tokens=12, docs=3, max_seqlen=8)
+    assert full["cu_seqlens"].tolist() == [0, 7, 12, 12]
+
+
+def test_config_refuses_cuda_graph_where_it_cannot_capture(tiny_llama):
+    from tunery.config import load_config
+
+    base = {"base_model": str(tiny_llama), "datasets": [{"path": "x.jsonl", "type": "alpaca"}], "cuda_graph": True}
+    load_config(dict(base, gradient_checkpointing="offload", offload_strategy="activations"))
+    for extra, words in ((dict(rl="dpo"), "rl: dpo"),
+                         (dict(gradient_checkpointing="offload"), "offload_strategy: activations"),
+                         (dict(fsdp=["full_shard"]), "one GPU")):
+        with pytest.raises(ValueError, match=words):
+            load_config(dict(base, **extra))
+
+
+def _trainer_losses(tiny_llama, gsm8k_small, tmp_path, name: str, **extra):
+    import json
+
+    from tunery.train.loop import train
+
+    cfg = {"base_model": str(tiny_llama), "adapter": "lora", "lora_r": 4, "lora_target_linear": True,
+           "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
+                         "field_output": "answer"}],
+           "sequence_len": 256, "sample_packing": True, "micro_batch_size": 2, "gradient_accumulation_steps": 2,
+           "max_steps": 8, "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_steps": 2, "bf16": True,
+           "gradient_checkpointing": "offload", "offload_strategy": "activations", "offload_keep_on_gpu": 1,
+           "offload_save_mlp": 0, "output_dir": str(tmp_path / name), "progress_bar": False,
+           "dataset_prepared_path": str(tmp_path / "prepared"), **extra}
+    run = train(cfg)
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r["loss"] for r in rows], [r["lr"] for r in rows]
+
+
+@pytest.mark.gpu
+def test_gpu_trainer_cuda_graph_trains_as_the_eager_trainer(tiny_llama, gsm8k_small, tmp_path, capfd):
+    """`cuda_graph: true` through `tunery train` (packing, accumulation, clipping, a cosine schedule,
+    offloaded activations): two eager steps, one capture, six replays, and the eager run's losses and
+    learning rates. (The padding adds no loss and no gradient: the same numbers, up to rounding.)"""
+    eager, lr0 = _trainer_losses(tiny_llama, gsm8k_small, tmp_path, "eager")
+    graph, lr1 = _trainer_losses(tiny_llama, gsm8k_small, tmp_path, "graph", cuda_graph=True)
+    err = capfd.readouterr().err
+    seen = re.search(r"cuda_graph: (\d+) steps replayed, (\d+) eager, (\d+) captured", err)
+    # captured again only when a batch holds more documents than the shapes so far
+    assert seen and seen.group(1, 2) == ("6", "2") and int(seen.group(3)) >= 1, err[-2000:]
+    assert lr1 == pytest.approx(lr0) and len(graph) == 8
+    assert graph == pytest.approx(eager, rel=5e-3)

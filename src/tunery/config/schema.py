@@ -67,6 +67,16 @@ class Config(
                                 "(its rollouts run token by token); offload_weights_mode: gap works there")
             if self.fsdp:
                 problems.append("offload_weights is for one GPU; FSDP already shards the weights (fsdp is set)")
+        if self.cuda_graph:
+            if self.rl is not None:
+                problems.append(f"cuda_graph captures SFT steps; rl: {self.rl} runs eagerly: set cuda_graph: false")
+            if self.fsdp:
+                problems.append("cuda_graph is for one GPU; fsdp is set")
+            if self.offload_weights:
+                problems.append("cuda_graph: offload_weights moves weights with host-side waits: set offload_weights: 0")
+            if self.gradient_checkpointing == "offload" and self.offload_strategy != "activations":
+                problems.append("cuda_graph with gradient_checkpointing: offload needs offload_strategy: activations "
+                                f"(it is {self.offload_strategy})")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -62,6 +62,14 @@ class TrainingSection(Section):
         "than the same budget without it in paired runs, and 2-8% less on machines where its forward then "
         "waited on the CPU (the saved recompute makes the GPU's share of a step smaller). Host-to-device "
         "copies: N blocks' weights once per step.")
+    cuda_graph: bool = Field(False, description="On one GPU (SFT): after the first steps, capture the whole "
+        "optimizer step (every micro-batch's forward and backward, clipping, the optimizer) as one CUDA graph "
+        "and replay it, so the CPU no longer launches ~100 kernels per decoder block. Pays off where the step "
+        "waits on the CPU: 8B QLoRA on an H200 with a slower host CPU ran 13.8k tokens/s against 11.8-12.1k "
+        "eagerly (benchmarks/RESULTS.md). Each micro-batch is padded to micro_batch_size x sequence_len tokens "
+        "(use sample_packing, or short rows pay for the padding). Needs gradient_checkpointing false, true, or "
+        "offload with offload_strategy activations, and no offload_weights; a step that cannot be replayed "
+        "runs eagerly.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
     eval_batch_size: int | None = None
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")

@@ -69,6 +69,12 @@ def _count_step(*_args) -> None:
 register_optimizer_step_post_hook(_count_step)
 
 
+def params_changed() -> None:
+    """The parameters changed where no optimizer-step hook saw it (a CUDA-graph replay of a step): the
+    next lookup of a cached cast refreshes them all (and a capture records that refresh)."""
+    _STEP[0] += 1
+
+
 def cast_params(ts: list[torch.Tensor], dtype: torch.dtype, scale: float | tuple[float, ...] = 1.0) -> torch.Tensor:
     """The parameters `ts` cast to `dtype`, times `scale`, concatenated along dim 0, cached on the
     first of them until any optimizer steps or one of them changes (version, storage). A single
@@ -248,6 +254,27 @@ def with_host_copy(device_t: torch.Tensor, host_t: torch.Tensor) -> torch.Tensor
     queueing the next step ahead of the GPU. Returns `device_t`."""
     device_t._tunery_host = (host_t, device_t._version, device_t.shape)
     return device_t
+
+
+_STATIC_ROWS = [False]
+
+
+class static_rows:
+    """While on, ops that would choose rows on the host from the data (the fused cross-entropy dropping
+    ignored labels) keep every row instead, so the launched work does not depend on the values: a
+    captured CUDA graph (train/cuda_graph.py) replays it for other batches."""
+
+    def __enter__(self):
+        self.old = _STATIC_ROWS[0]
+        _STATIC_ROWS[0] = True
+        return self
+
+    def __exit__(self, *exc):
+        _STATIC_ROWS[0] = self.old
+
+
+def rows_are_static() -> bool:
+    return _STATIC_ROWS[0]
 
 
 def host_copy(t: torch.Tensor) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import compute_dtype, host_copy, use_triton_for
+from . import compute_dtype, host_copy, rows_are_static, use_triton_for
 
 try:
     import triton
@@ -187,6 +187,8 @@ def _kept(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, host: t
     `host`: the labels' values on the CPU (kernels.host_copy), when the caller has them: the count is
     then made there, with no device-to-host sync (which would stop the CPU from queueing the backward
     and the next step while the GPU finishes this forward)."""
+    if rows_are_static():  # under CUDA-graph capture: the same rows whatever the labels (masked, not dropped)
+        return None, hidden, labels
     if host is not None and host.shape == labels.shape:
         mask = host != ignore_index
         if int(mask.sum()) >= 0.75 * labels.numel():

@@ -267,6 +267,7 @@ class Trainer:
         model = self.train_model
         model.train()
         params = [p for _, p in trainable_parameters(self.model)]
+        graphed = self._graphed_steps(optimizer, params) if cfg.cuda_graph else None
         step = start_step
         t_run = time.perf_counter()
         status = "completed"
@@ -286,6 +287,10 @@ class Trainer:
                 loss_total: torch.Tensor | float = 0.0  # kept on the device: no host sync per micro-batch
                 sums: dict[str, torch.Tensor | float] = {}
                 n_tokens = 0
+                if graphed is not None:  # the whole step, clipping and optimizer included (train/cuda_graph.py)
+                    loss_total, grad_norm = graphed.step(batches, normalizer)
+                    n_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+                    batches = []
                 for i, host_b in enumerate(batches):
                     weight = self.method.count(host_b) / max(normalizer, 1)  # on the CPU batch: no sync
                     b = self._to_device(host_b)
@@ -298,11 +303,13 @@ class Trainer:
                     for k, v in metrics.items():
                         v = v.detach() if isinstance(v, torch.Tensor) else float(v)
                         sums[k] = sums.get(k, 0.0) + v * weight
-                grad_norm = dist_util.clip_grad_norm(params, cfg.max_grad_norm, as_tensor=True)
-                optimizer.step()
-                lr = scheduler.get_last_lr()[0]
+                if graphed is None:
+                    grad_norm = dist_util.clip_grad_norm(params, cfg.max_grad_norm, as_tensor=True)
+                    optimizer.step()
+                lr = _host_lr(scheduler)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                if graphed is None:
+                    optimizer.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.perf_counter() - t0
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
@@ -321,6 +328,10 @@ class Trainer:
                 if _STEP_DELAY:
                     time.sleep(_STEP_DELAY)  # test hook: gives a crash test time to kill mid-run
             settle()
+            if graphed is not None and self.main:
+                g = graphed.graph
+                print(f"cuda_graph: {g.replays} steps replayed, {g.eager_steps} eager, {g.captures} captured"
+                      + (f" (last eager: {g.why_eager})" if g.why_eager else ""), file=sys.stderr)
             self._finish(logger, step)
         except StopRequested:
             status = "stopped"
@@ -337,6 +348,20 @@ class Trainer:
             dist_util.shutdown()
             gc.unfreeze()  # a notebook's next run: this run's objects can be collected again
         return self.run_dir
+
+    def _graphed_steps(self, optimizer, params):
+        """cuda_graph: the steps through train/cuda_graph.py, or None (with a note) where it cannot run."""
+        if self.device.type != "cuda" or self.world > 1:
+            print("cuda_graph: needs one CUDA GPU; the steps run eagerly", file=sys.stderr)
+            return None
+        from .cuda_graph import GraphedSteps
+
+        cfg = self.cfg
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return GraphedSteps(self.train_model, self.method, optimizer, params, to_device=self._to_device,
+                            autocast=self._autocast, tokens=cfg.micro_batch_size * cfg.sequence_len,
+                            max_seqlen=cfg.sequence_len, max_grad_norm=cfg.max_grad_norm,
+                            pad_id=pad if isinstance(pad, int) else 0)
 
     # ---- after each optimizer step, and the end of a run (shared with the GRPO recipe) -----------------
     def _after_step(self, step: int, total_steps: int, logger: Any, optimizer: Any, scheduler: Any,
@@ -481,6 +506,16 @@ class _StepNumbers:
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         return tokens_seen
+
+
+def _host_lr(scheduler) -> float:
+    """The learning rate of the step just taken, read on the host: under cuda_graph the optimizer holds it
+    as a device tensor, and reading that back would wait for the GPU."""
+    lr = scheduler.get_last_lr()[0]
+    if not isinstance(lr, torch.Tensor):
+        return lr
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    return float(scheduler.base_lrs[0] * lambdas[0](scheduler.last_epoch)) if lambdas else float(lr)
 
 
 def _progress(total: int, initial: int, enabled: bool):
