@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py                          # H200: part "speed" (QLoRA 8B, seq 2048 x 2):
                                                          # tunery_act, standard (and liger) 3 times in turn,
-                                                         # 5 warm-up + 10 timed steps each, medians compared
+                                                         # 7 warm-up + 10 timed steps each, medians compared
     python benchmarks/memory.py --part context --stacks tunery --modes qlora      # one search per command
     python benchmarks/memory.py --part context --stacks tunery --modes lora16
     python benchmarks/memory.py --part context --stacks standard,liger --modes qlora,lora16
@@ -11,6 +11,7 @@
     python benchmarks/memory.py --stacks tunery_act --rounds 1 --set save_off=0   # a variant: gate/up always recomputed
     python benchmarks/memory.py --stacks tunery_act,standard --set gap=true   # offload_weights_mode gap, the planner's pick
     python benchmarks/memory.py --stacks tunery_act --trace   # + a profiler trace and where the GPU idles
+    python benchmarks/memory.py --stacks tunery_act,standard --set graph=false   # tunery's step eager, not replayed
 
 Model: random weights of the Llama-3.1-8B shape (built on the meta device and materialised tensor by
 tensor on the GPU: nothing is downloaded, the 16-bit model never exists whole for QLoRA), LoRA r=16
@@ -23,7 +24,9 @@ Stacks, each configuration in its own subprocess:
   MLP chunked over the sequence for long rows (variants: tunery_rc, the fused MLP also recomputes
   gate/up in backward; tunery_act, every other saved activation offloaded, no block recompute, gate/up
   recomputed except in the blocks save_mlp "auto" picks and the last kept one, as the trainer's defaults;
-  the kept blocks and how many of them keep gate/up: the planner's picks under 7 GiB); loss =
+  the kept blocks and how many of them keep gate/up: the planner's picks under 7 GiB; the whole step
+  captured as a CUDA graph once save_mlp "auto" has decided, as the trainer's `cuda_graph: true`; the
+  CPU-held embedding looked up outside it); loss =
   linear_cross_entropy(hidden_flat[:-1], model.head_weight, ids_flat[1:]) / n.
 - standard: transformers + peft + bitsandbytes QLoRA (Linear4bit nf4, double quant, bf16 compute),
   SDPA attention, non-reentrant gradient checkpointing, bf16 autocast, model(..., labels=ids).loss.
@@ -387,7 +390,7 @@ def worker(spec: dict) -> dict:
         _profile_step(spec, step, opt, autocast, device, vocab, gen)
     if graph_step is not None:
         sg = graph_step.graph
-        res["graph"] = {"replays": sg.replays, "eager_steps": sg.eager_steps, "why_eager": sg.why_eager}
+        res["graph_stats"] = {"replays": sg.replays, "eager_steps": sg.eager_steps, "why_eager": sg.why_eager}
     fn = getattr(getattr(model, "model", None), "checkpoint_fn", None)
     if hasattr(fn, "host_bytes"):
         res["host_pinned_gib"] = round(fn.host_bytes / GiB, 2)
@@ -599,6 +602,9 @@ def fmt(r: dict) -> str:
     pred = f"{r['predicted_gib']:.2f} GiB" if r.get("predicted_gib") is not None else "-"
     speed = f"{r['tokens_per_s']:9.0f} tok/s" if r.get("tokens_per_s") else ""
     extra = f" host {r['host_pinned_gib']} GiB" if r.get("host_pinned_gib") else ""
+    if r.get("graph_stats"):
+        g = r["graph_stats"]
+        extra += f" graph: {g['replays']} replays" + (f" (eager: {g['why_eager']})" if g["why_eager"] else "")
     if r.get("save_mlp_auto"):
         a = r["save_mlp_auto"]
         extra += (f" gate/up kept by {a['save_mlp_blocks']} blocks (forward {a['forward_ms']} ms, "
@@ -613,7 +619,7 @@ def fmt(r: dict) -> str:
     return f"  {name:<40} peak {peak:>10}  planner {pred:>10}  {speed}{extra}  (build {r.get('build_s')} s)"
 
 
-def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 5,
+def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: bool = False, warmup: int = 7,
                steps: int = 10, cpu: bool = False, phases: bool = False, loss_sync: str = "end",
                overrides: dict | None = None) -> dict:
     """A speed-part worker's settings for one stack (also benchmarks/step_lead.py's); `overrides` (--set)
@@ -624,6 +630,7 @@ def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: 
                 mlp_recompute=base in ("tunery_rc", "tunery_act"), phases=phases, loss_sync=loss_sync)
     if base == "tunery_act":  # as the trainer's defaults offload_save_mlp and offload_save_mlp_kept
         spec["save_off"], spec["save_kept"] = "auto", 1
+        spec["graph"] = True  # the trainer's cuda_graph: true (--set graph=false: eager)
     if stack == "tunery_nokcat":
         spec["kcat"] = False
     fixed = dict(overrides or {}) if stack.startswith("tunery") else {}
@@ -807,9 +814,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=5,
-                    help="untimed steps (5: tunery's offload_save_mlp auto times steps 2 to 4 and takes effect in "
-                         "step 5)")
+    ap.add_argument("--warmup", type=int, default=7,
+                    help="untimed steps (7: tunery's offload_save_mlp auto times steps 2 to 4 and takes effect in "
+                         "step 5; the CUDA graph is captured at step 6)")
     ap.add_argument("--cap-gib", type=float, default=80.0, help="context part: GPU memory cap")
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
                     help="context part: try exactly these lengths")
