@@ -311,7 +311,6 @@ class Trainer:
                 if graphed is None:
                     optimizer.zero_grad(set_to_none=True)
                 step += 1
-                dt = time.perf_counter() - t0
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
                        "trained_tokens": normalizer if self.method.name == "sft" else None,
                        "elapsed_s": round(elapsed_before + time.perf_counter() - t_run, 3)}
@@ -322,6 +321,9 @@ class Trainer:
                 # evaluates or checkpoints
                 done = _StepNumbers({"loss": loss_total, "tokens": float(n_tokens), **sums}, grad_norm, self.device)
                 settle()  # the previous step's row (its GPU work is done by now)
+                # timed after that wait: once the CPU runs ahead (a replayed CUDA graph queues a step at
+                # once), a step's own host time says nothing, and each iteration lasts one step of GPU work
+                dt = time.perf_counter() - t0
                 pending = done.with_row(row, dt, step % cfg.logging_steps == 0 or step == total_steps)
                 self._after_step(step, total_steps, logger, optimizer, scheduler, settle,
                                  lambda: elapsed_before + time.perf_counter() - t_run)
