@@ -575,9 +575,9 @@ class OffloadCheckpoint:
                  max_seqlen: int | None) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return layer(x, rope, cu_seqlens, max_seqlen)
-        if self.held:
-            self.release_held(self.layer_index.get(id(layer), 0) - HOLD_BLOCKS, x.device)
         idx = self.layer_index.get(id(layer), 0)
+        if self.held:
+            self.release_held(idx - HOLD_BLOCKS, x.device)
         ws = self.weights
         if ws is None:
             return self._call(layer, x, rope, cu_seqlens, max_seqlen, idx)
