@@ -211,3 +211,51 @@ def test_gpu_trainer_cuda_graph_trains_as_the_eager_trainer(tiny_llama, gsm8k_sm
     assert seen and seen.group(1, 2) == ("6", "2") and int(seen.group(3)) >= 1, err[-2000:]
     assert lr1 == pytest.approx(lr0) and len(graph) == 8
     assert graph == pytest.approx(eager, rel=5e-3)
+
+
+def test_graphed_steps_pad_without_changing_the_loss_or_the_update():
+    """GraphedSteps (what `cuda_graph: true` runs) pads each micro-batch to fixed shapes: padding documents
+    with label -100 and zero-length documents at the end. On CPU the step runs eagerly through the same
+    padded inputs, a device-tensor normaliser and clipping: losses and weights equal the plain loop's."""
+    import contextlib
+
+    from tunery.data.collate import collate_sft
+    from tunery.methods.sft import SFT
+    from tunery.train.cuda_graph import GraphedSteps
+    from tunery.train.distributed import clip_grad_norm
+
+    base = _model("cpu")
+    g = torch.Generator().manual_seed(3)
+
+    def row(n):
+        ids = torch.randint(1, 128, (n,), generator=g).tolist()
+        return {"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]}
+
+    steps = [[collate_sft([row(9), row(14)]), collate_sft([row(20)])], [collate_sft([row(5), row(7), row(11)])] * 2]
+    m0, _, opt0, _ = _setup(base, "cpu", offload=False)
+    m1, _, opt1, _ = _setup(base, "cpu", offload=False)
+    p0 = [p for p in m0.parameters() if p.requires_grad]
+    p1 = [p for p in m1.parameters() if p.requires_grad]
+    sft = SFT()
+    gs = GraphedSteps(m1, sft, opt1, p1, to_device=lambda d: d, autocast=contextlib.nullcontext, tokens=32,
+                      max_seqlen=24, max_grad_norm=0.5)
+    for batches in steps:
+        norm = sum(sft.count(b) for b in batches)
+        ref = 0.0
+        for b in batches:
+            loss, _ = sft.loss(m0, b, norm)
+            loss.backward()
+            ref += loss.item()
+        ref_norm = clip_grad_norm(p0, 0.5, as_tensor=True)
+        opt0.step()
+        opt0.zero_grad(set_to_none=True)
+        got, got_norm = gs.step(batches, norm)
+        assert got.item() == pytest.approx(ref, rel=1e-5) and got_norm.item() == pytest.approx(ref_norm.item(), rel=1e-4)
+    assert gs.docs == 4 and gs.graph.eager_steps == 2
+    assert max((a - b).abs().max().item() for a, b in zip(p0, p1)) < 1e-6
+
+
+def test_trainer_without_a_gpu_says_cuda_graph_is_off_and_trains_eagerly(tiny_llama, gsm8k_small, tmp_path, capfd):
+    losses, _ = _trainer_losses(tiny_llama, gsm8k_small, tmp_path, "cpu", cuda_graph=True, max_steps=2, bf16=False)
+    assert len(losses) == 2 and all(x == x for x in losses)
+    assert "cuda_graph: needs one CUDA GPU; the steps run eagerly" in capfd.readouterr().err
