@@ -259,3 +259,22 @@ def test_trainer_without_a_gpu_says_cuda_graph_is_off_and_trains_eagerly(tiny_ll
     losses, _ = _trainer_losses(tiny_llama, gsm8k_small, tmp_path, "cpu", cuda_graph=True, max_steps=2, bf16=False)
     assert len(losses) == 2 and all(x == x for x in losses)
     assert "cuda_graph: needs one CUDA GPU; the steps run eagerly" in capfd.readouterr().err
+
+
+def test_checkpoint_stores_a_tensor_learning_rate_as_a_number(tmp_path):
+    """Under cuda_graph the learning rate is a device tensor; the checkpoint keeps a number, so a resumed
+    run's capture does not bake in a CPU copy of it (the optimizer itself keeps its tensor)."""
+    from tunery.train.checkpoint import save_checkpoint
+    from tunery.train.schedule import build_scheduler
+
+    m = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-3), foreach=False)
+    sched = build_scheduler(opt, "cosine", 10, 2)
+    m(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    save_checkpoint(tmp_path / "ck", m, opt, sched, {"step": 1})
+    saved = torch.load(tmp_path / "ck" / "optimizer.pt", weights_only=True)
+    assert isinstance(saved["param_groups"][0]["lr"], float)
+    assert saved["param_groups"][0]["lr"] == pytest.approx(opt.param_groups[0]["lr"].item())
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)

@@ -48,12 +48,23 @@ def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, trai
     ckpt_dir = Path(ckpt_dir)
     with atomic_output(ckpt_dir, folder=True, sync=True) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_plain_groups(optimizer.state_dict()), tmp / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         if write_weights is not None:
             write_weights(tmp)
     return ckpt_dir
+
+
+def _plain_groups(state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's hyperparameters as numbers: under cuda_graph the learning rate is a device tensor
+    (train/cuda_graph.py), which a resumed run would load onto the CPU and a new capture would then read
+    once and keep, whatever the schedule says later."""
+    for group in state["param_groups"]:
+        for k, v in group.items():
+            if k != "params" and isinstance(v, torch.Tensor) and v.numel() == 1:
+                group[k] = v.item()
+    return state
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:

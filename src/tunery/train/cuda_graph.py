@@ -182,8 +182,9 @@ def make_capturable(opt: torch.optim.Optimizer, device: torch.device) -> None:
     for group in opt.param_groups:
         if "capturable" in group:
             group["capturable"] = True
-        if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor) or lr.device != device:  # a CPU tensor would be read once, at capture
+            group["lr"] = torch.tensor(float(lr), device=device)
     for state in opt.state.values():
         step = state.get("step")
         if isinstance(step, torch.Tensor) and not step.is_cuda:
