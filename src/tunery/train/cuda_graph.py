@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..kernels import params_changed, static_rows
+from ..kernels import host_copy, params_changed, static_rows, with_host_copy
 
 Inputs = dict[str, torch.Tensor]
 
@@ -199,8 +199,6 @@ def _fresh(out: tuple[list[torch.Tensor], Any]) -> tuple[list[torch.Tensor], Any
 def _static_copy(t: torch.Tensor) -> torch.Tensor:
     """A clone that keeps t's host copy (kernels.with_host_copy): host-side readers inside the step see
     the values they saw when capturing, the values the key vouches for."""
-    from ..kernels import host_copy, with_host_copy
-
     out = t.detach().clone()
     host = host_copy(t)
     if host is not None:
