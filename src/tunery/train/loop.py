@@ -290,26 +290,24 @@ class Trainer:
                 if graphed is not None:  # the whole step, clipping and optimizer included (train/cuda_graph.py)
                     loss_total, grad_norm = graphed.step(batches, normalizer)
                     n_tokens = sum(int(b["input_ids"].numel()) for b in batches)
-                    batches = []
-                for i, host_b in enumerate(batches):
-                    weight = self.method.count(host_b) / max(normalizer, 1)  # on the CPU batch: no sync
-                    b = self._to_device(host_b)
-                    with dist_util.sync_gradients(model, i == len(batches) - 1):
-                        with self._autocast():
-                            loss, metrics = self.method.loss(model, b, normalizer)
-                        loss.backward()
-                    loss_total = loss_total + loss.detach()
-                    n_tokens += int(b["input_ids"].numel())
-                    for k, v in metrics.items():
-                        v = v.detach() if isinstance(v, torch.Tensor) else float(v)
-                        sums[k] = sums.get(k, 0.0) + v * weight
-                if graphed is None:
+                else:
+                    for i, host_b in enumerate(batches):
+                        weight = self.method.count(host_b) / max(normalizer, 1)  # on the CPU batch: no sync
+                        b = self._to_device(host_b)
+                        with dist_util.sync_gradients(model, i == len(batches) - 1):
+                            with self._autocast():
+                                loss, metrics = self.method.loss(model, b, normalizer)
+                            loss.backward()
+                        loss_total = loss_total + loss.detach()
+                        n_tokens += int(b["input_ids"].numel())
+                        for k, v in metrics.items():
+                            v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                            sums[k] = sums.get(k, 0.0) + v * weight
                     grad_norm = dist_util.clip_grad_norm(params, cfg.max_grad_norm, as_tensor=True)
                     optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 lr = _host_lr(scheduler)
                 scheduler.step()
-                if graphed is None:
-                    optimizer.zero_grad(set_to_none=True)
                 step += 1
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
                        "trained_tokens": normalizer if self.method.name == "sft" else None,
