@@ -26,6 +26,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """Print a failure's traceback the moment it happens, not only in the closing summary: a CI log that
+    is cut (or a run stopped at its time limit) still says why each test failed."""
+    if not report.failed:
+        return
+    tr = _config.pluginmanager.get_plugin("terminalreporter") if _config is not None else None
+    if tr is None:
+        return
+    tr.write_line("")
+    tr.write_line(f"---- FAILED {report.nodeid} ({report.when}) ----", red=True)
+    text = report.longreprtext
+    tr.write_line(text if len(text) <= 3000 else "...\n" + text[-3000:])
+
+
+_config = None
+
+
+def pytest_configure(config):
+    global _config
+    _config = config
+
+
 @pytest.fixture(scope="session")
 def smol_path() -> Path:
     """HF folder of the embedded SmolLM2-135M-Instruct (converted from its GGUF once, then cached)."""
