@@ -262,6 +262,30 @@ def test_workers_give_the_same_rows(tmp_path, smol, monkeypatch):
     assert one.train == two.train
 
 
+def _signal_dispositions(a: int, b: int) -> tuple[bool, bool]:
+    """Stands in for the tokenizing worker (the pool sends it by name): how the worker handles signals."""
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_workers_die_of_sigterm_even_under_a_parent_handler(monkeypatch):
+    """A forked worker must not inherit the parent's Python SIGTERM handler (a trainer's stop-after-this-
+    step, in a notebook that trained before): the pool ends its workers with SIGTERM, and a worker that
+    only took note of it kept the pool's exit waiting forever (a CI run hung there)."""
+    import signal
+
+    import tunery.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_worker", _signal_dispositions)
+    old = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        got = pipeline._parallel(object(), [(i, i + 1) for i in range(4)], 2)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert got == [(True, True)] * 4
+
+
 # ------------------------------------------------------------------------------------------- preprocess
 
 

@@ -115,3 +115,27 @@ def test_step_rows_are_written_in_order_with_their_tokens(tiny_llama, gsm8k_smal
     assert all(b > a for a, b in zip(tokens, tokens[1:])) and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in train_rows)
     state = json.loads((run / "checkpoints" / "step-4" / "trainer_state.json").read_text())
     assert state["tokens_seen"] == train_rows[3]["tokens"]
+
+
+def test_a_run_gives_the_process_its_signal_handlers_back(tiny_llama, gsm8k_small, tmp_path):
+    """During a run SIGTERM/SIGINT mean "checkpoint and stop"; after it the process's own handlers are
+    back: a notebook's Ctrl-C interrupts again, and a later forked pool dies of its SIGTERM."""
+    import signal
+
+    from tunery.train.loop import train
+
+    def mine(*_):
+        return None
+
+    cfg = {"base_model": str(tiny_llama), "adapter": "lora", "lora_r": 4,
+           "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
+                         "field_output": "answer"}],
+           "sequence_len": 512, "micro_batch_size": 1, "max_steps": 1, "output_dir": str(tmp_path / "run"),
+           "progress_bar": False, "dataset_prepared_path": str(tmp_path / "prepared")}
+    old = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        train(cfg)
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

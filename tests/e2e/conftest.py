@@ -115,10 +115,12 @@ def e2e_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def studio(tmp_path_factory, smol_path) -> StudioServer:
     """A fresh Studio over an empty runs folder. `smol_path` converts the embedded model once per session
-    into the cache (TUNERY_CACHE, else ~/.cache/tunery) that the server and its children then reuse."""
+    into the cache (TUNERY_CACHE, else ~/.cache/tunery) that the server and its children then reuse.
+    Module-scoped, like `browser`: the server, Chromium and Playwright's thread end with the browser
+    tests, not with the whole session (the later tests then run, and fork, without them)."""
     runs = tmp_path_factory.mktemp("studio") / "runs"
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,7 +134,7 @@ def studio(tmp_path_factory, smol_path) -> StudioServer:
 
 
 def _end_children(runs: Path) -> None:
-    """Children the Studio started that still run (a run left training, an export) end with the session."""
+    """Children the Studio started that still run (a run left training, an export) end with the server."""
     import sqlite3
 
     from tunery.studio import procs
@@ -150,7 +152,7 @@ def _end_children(runs: Path) -> None:
             procs.signal_group(pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import threading
 import time
 import warnings
@@ -326,15 +327,28 @@ def _parallel(job: Job, spans: list[tuple[int, int]], n_proc: int) -> list:
     _JOB = job
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one tokenizer thread per worker
+    pool = ctx.Pool(min(n_proc, len(spans)), initializer=_worker_init)
     try:
-        with ctx.Pool(min(n_proc, len(spans))) as pool:
-            return pool.starmap(_worker, spans)
+        out = pool.starmap(_worker, spans)
+        pool.close()  # the normal end: the workers exit by themselves
+        pool.join()
+        return out
     finally:
+        pool.terminate()  # an error or Ctrl-C: SIGTERM ends the rest (default-handled: _worker_init)
         _JOB = None
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+def _worker_init() -> None:
+    """Default signal handling in each forked worker. Why: a fork inherits the parent's Python handlers
+    (a trainer's stop-after-this-step, in a notebook that trained before), and the pool ends its workers
+    with SIGTERM; a worker that only noted it would keep the pool's exit waiting forever. Ctrl-C reaches
+    the whole process group: the parent handles it and ends the pool."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker(a: int, b: int) -> tuple[list[dict[str, Any]], Counters]:

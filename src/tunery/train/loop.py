@@ -347,6 +347,7 @@ class Trainer:
             self._status(status, step, total_steps)
             dist_util.shutdown()
             gc.unfreeze()  # a notebook's next run: this run's objects can be collected again
+            self._restore_signal_handlers()
         return self.run_dir
 
     def _graphed_steps(self, optimizer, params):
@@ -455,11 +456,19 @@ class Trainer:
                 raise KeyboardInterrupt
             self.stop_flag = True
 
+        self._old_handlers: dict[int, Any] = {}
         try:
-            signal.signal(signal.SIGTERM, handler)
-            signal.signal(signal.SIGINT, handler)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old_handlers[sig] = signal.signal(sig, handler)
         except ValueError:
             pass  # not the main thread (notebooks): Ctrl-C behaves as usual
+
+    def _restore_signal_handlers(self) -> None:
+        """The process's own handlers back once the run ends. Why: a notebook's Ctrl-C must interrupt again,
+        and a process forked later (a tokenizing pool) must die of the SIGTERM that ends it."""
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old_handlers = {}
 
 
 class _StepNumbers:
