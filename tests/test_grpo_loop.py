@@ -51,9 +51,13 @@ def _rows(run: Path) -> list[dict]:
 
 
 def test_grpo_runs_through_train_dispatch(tmp_path, tiny_llama, gsm8k_small):
+    import signal
+
     from tunery.train import train
 
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
     run = train(_config(tmp_path, tiny_llama, gsm8k_small))
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers  # given back after the run
     rows = [r for r in _rows(run) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:

@@ -444,6 +444,7 @@ class GRPOTrainer(Trainer):
             self._status(status, step, total_steps)
             dist_util.shutdown()
             gc.unfreeze()
+            self._restore_signal_handlers()
         return self.run_dir
 
 
