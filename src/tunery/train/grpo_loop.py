@@ -16,7 +16,6 @@ Built from the Trainer's own pieces: model, optimizer, scheduler, checkpoints, m
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 from dataclasses import dataclass
@@ -439,12 +438,7 @@ class GRPOTrainer(Trainer):
             status = "failed"
             raise
         finally:
-            bar.close()
-            logger.close()
-            self._status(status, step, total_steps)
-            dist_util.shutdown()
-            gc.unfreeze()
-            self._restore_signal_handlers()
+            self._close_run(bar, logger, status, step, total_steps)
         return self.run_dir
 
 

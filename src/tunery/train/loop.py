@@ -342,13 +342,17 @@ class Trainer:
         finally:
             if status != "failed":
                 settle()
-            bar.close()
-            logger.close()
-            self._status(status, step, total_steps)
-            dist_util.shutdown()
-            gc.unfreeze()  # a notebook's next run: this run's objects can be collected again
-            self._restore_signal_handlers()
+            self._close_run(bar, logger, status, step, total_steps)
         return self.run_dir
+
+    def _close_run(self, bar, logger: MetricsLogger, status: str, step: int, total_steps: int) -> None:
+        """What every run does on its way out, however it ended (the SFT family's and GRPO's loops)."""
+        bar.close()
+        logger.close()
+        self._status(status, step, total_steps)
+        dist_util.shutdown()
+        gc.unfreeze()  # a notebook's next run: this run's objects can be collected again
+        self._restore_signal_handlers()
 
     def _graphed_steps(self, optimizer, params):
         """cuda_graph: the steps through train/cuda_graph.py, or None (with a note) where it cannot run."""
