@@ -119,7 +119,8 @@ def test_step_rows_are_written_in_order_with_their_tokens(tiny_llama, gsm8k_smal
 
 def test_a_run_gives_the_process_its_signal_handlers_back(tiny_llama, gsm8k_small, tmp_path):
     """During a run SIGTERM/SIGINT mean "checkpoint and stop"; after it the process's own handlers are
-    back: a notebook's Ctrl-C interrupts again, and a later forked pool dies of its SIGTERM."""
+    back: a notebook's Ctrl-C interrupts again, and a later forked pool dies of its SIGTERM. So is
+    torch's deterministic mode, which `deterministic: true` turned on for the run."""
     import signal
 
     from tunery.train.loop import train
@@ -131,11 +132,13 @@ def test_a_run_gives_the_process_its_signal_handlers_back(tiny_llama, gsm8k_smal
            "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
                          "field_output": "answer"}],
            "sequence_len": 512, "micro_batch_size": 1, "max_steps": 1, "output_dir": str(tmp_path / "run"),
-           "progress_bar": False, "dataset_prepared_path": str(tmp_path / "prepared")}
+           "progress_bar": False, "dataset_prepared_path": str(tmp_path / "prepared"), "deterministic": True}
     old = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGINT)}
+    assert not torch.are_deterministic_algorithms_enabled()
     try:
         train(cfg)
         assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+        assert not torch.are_deterministic_algorithms_enabled()
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -73,6 +73,10 @@ class Trainer:
         self.main = self.rank == 0
         self.run_dir = Path(cfg.output_dir)
         self.stop_flag = False
+        # torch's process-wide switches a run may turn on (`deterministic`, `tf32`); _close_run puts them back
+        self._torch_switches = (torch.are_deterministic_algorithms_enabled(),
+                                torch.is_deterministic_algorithms_warn_only_enabled(),
+                                torch.backends.cuda.matmul.allow_tf32)
 
     # ---------------------------------------------------------------- build
     def build_model(self) -> None:
@@ -346,13 +350,17 @@ class Trainer:
         return self.run_dir
 
     def _close_run(self, bar, logger: MetricsLogger, status: str, step: int, total_steps: int) -> None:
-        """What every run does on its way out, however it ended (the SFT family's and GRPO's loops)."""
+        """What every run does on its way out, however it ended (the SFT family's and GRPO's loops). The
+        process gets back what the run changed in it: a notebook's next run starts as the first did."""
         bar.close()
         logger.close()
         self._status(status, step, total_steps)
         dist_util.shutdown()
         gc.unfreeze()  # a notebook's next run: this run's objects can be collected again
         self._restore_signal_handlers()
+        deterministic, warn_only, tf32 = self._torch_switches
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
     def _graphed_steps(self, optimizer, params):
         """cuda_graph: the steps through train/cuda_graph.py, or None (with a note) where it cannot run."""
