@@ -73,6 +73,7 @@ class Trainer:
         self.main = self.rank == 0
         self.run_dir = Path(cfg.output_dir)
         self.stop_flag = False
+        self._old_handlers: dict[int, Any] = {}  # the process's SIGTERM/SIGINT handlers while a run holds them
         # torch's process-wide switches a run may turn on (`deterministic`, `tf32`); _close_run puts them back
         self._torch_switches = (torch.are_deterministic_algorithms_enabled(),
                                 torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -468,7 +469,6 @@ class Trainer:
                 raise KeyboardInterrupt
             self.stop_flag = True
 
-        self._old_handlers: dict[int, Any] = {}
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old_handlers[sig] = signal.signal(sig, handler)
@@ -478,7 +478,7 @@ class Trainer:
     def _restore_signal_handlers(self) -> None:
         """The process's own handlers back once the run ends. Why: a notebook's Ctrl-C must interrupt again,
         and a process forked later (a tokenizing pool) must die of the SIGTERM that ends it."""
-        for sig, old in getattr(self, "_old_handlers", {}).items():
+        for sig, old in self._old_handlers.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
         self._old_handlers = {}
 
