@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh tests            # the GPU test set, ~3 min
 #   bash benchmarks/gpu_check.sh speed TAG        # memory.py tunery_act vs standard, 2 rounds, ~4 min
 #   bash benchmarks/gpu_check.sh all TAG          # both
+#   bash benchmarks/gpu_check.sh trace TAG        # tunery_act once + a profile of two replays, ~2 min
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/gpu_out}
@@ -21,6 +22,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   tail -3 "$OUT/gpu_tests$tag.log"
 fi
 if [ "$what" = speed ] || [ "$what" = all ]; then
-  python3 benchmarks/memory.py --stacks tunery_act,standard --rounds 2 --tag "$tag" > "$OUT/speed$tag.log"  # + $OUT/memory$tag.json 2>&1
+  python3 benchmarks/memory.py --stacks tunery_act,standard --rounds 2 --tag "$tag" > "$OUT/speed$tag.log" 2>&1  # + $OUT/memory$tag.json
   tail -15 "$OUT/speed$tag.log"
+fi
+if [ "$what" = trace ]; then  # one tunery_act run, then two replays under the profiler: where the GPU idles
+  python3 benchmarks/memory.py --stacks tunery_act --rounds 1 --trace --tag "$tag" > "$OUT/trace$tag.log" 2>&1
+  tail -5 "$OUT/trace$tag.log"; head -40 "$OUT"/profile_tunery_act_qlora"$tag".txt
 fi

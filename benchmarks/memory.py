@@ -387,7 +387,7 @@ def worker(spec: dict) -> dict:
     if spec.get("phases") and cuda:
         res["phases_ms"] = _phase_times(spec, step, opt, autocast, device, vocab, gen)
     if spec.get("profile"):
-        _profile_step(spec, step, opt, autocast, device, vocab, gen)
+        _profile_step(spec, step, opt, autocast, device, vocab, gen, graph_step=graph_step)
     if graph_step is not None:
         sg = graph_step.graph
         res["graph_stats"] = {"replays": sg.replays, "eager_steps": sg.eager_steps, "why_eager": sg.why_eager}
@@ -429,16 +429,21 @@ def _train_step(step, opt, autocast, device: str, ids):
     return loss
 
 
-def _profile_step(spec: dict, step, opt, autocast, device: str, vocab: int, gen, n: int = 2) -> None:
+def _profile_step(spec: dict, step, opt, autocast, device: str, vocab: int, gen, n: int = 2,
+                  graph_step=None) -> None:
     """n more training steps under torch.profiler, back to back as in the timed loop (the CPU may
-    queue a step ahead of the GPU): where the GPU time goes, kernel by kernel."""
+    queue a step ahead of the GPU): where the GPU time goes, kernel by kernel. With `graph_step` the
+    profiled steps are replays of the captured step, as timed (not eager steps)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(n):
-            _train_step(step, opt, autocast, device, _batch(spec, vocab, gen, device))
+            if graph_step is not None:
+                graph_step(_batch(spec, vocab, gen, device))
+            else:
+                _train_step(step, opt, autocast, device, _batch(spec, vocab, gen, device))
         if device == "cuda":
             torch.cuda.synchronize()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"

@@ -71,10 +71,14 @@ def summarize(events: list[dict], top: int = 25, min_gap_us: float = 5.0) -> str
         return best or "-"
 
     gaps = []
+    small = [0.0, 0]  # gaps under min_gap_us: a CUDA graph's node-to-node latency lives here
     for prev, nxt in zip(main, main[1:]):
         end = prev["ts"] + prev["dur"]
         gap = nxt["ts"] - end
         if gap < min_gap_us:
+            if gap > 0:
+                small[0] += gap
+                small[1] += 1
             continue
         launch = launches.get(nxt["args"].get("correlation"))
         lts = launch["ts"] if launch else None
@@ -88,6 +92,7 @@ def summarize(events: list[dict], top: int = 25, min_gap_us: float = 5.0) -> str
         per_op[(cause, where)] += g
     lines.append(f"compute-stream idle: {sum(total.values()) / 1e3:.1f} ms in {len(gaps)} gaps >= {min_gap_us} us "
                  f"(cpu-bound {total['cpu'] / 1e3:.1f} ms, waiting on a dependency {total['dep'] / 1e3:.1f} ms)")
+    lines.append(f"  + {small[0] / 1e3:.1f} ms in {small[1]} gaps under {min_gap_us} us (kernel-to-kernel latency)")
     lines.append("idle by cause and enclosing CPU op:")
     for (cause, where), g in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {g / 1e3:8.2f} ms  {cause}  {where[:90]}")
