@@ -628,3 +628,64 @@ def test_calibration_counts_the_median_block_not_a_stalled_one():
     assert span == 153.0 and forward == 96.0 and copy_ms == 50.0 and copied == 1000
     forward, _, _, span = timed([3.0, 1.0, 3.0, 3.0])  # shorter than the median x blocks: the span
     assert forward == span == 10.0
+
+
+def test_a_block_that_keeps_gate_up_is_copied_back_two_blocks_ahead(monkeypatch):
+    """In backward each offloaded block's tensors come back one block ahead; a block that kept gate/up
+    (~2.6x the bytes of the others on Llama) starts coming back two blocks ahead, so its longer copy
+    has two blocks' backward to hide behind. Gradients stay the plain ones."""
+    import tunery.models.decoder as dec
+    import tunery.train.activations as act
+    from tunery.quant import quantize_model
+
+    base = _model(dropout=0.0)
+    for _ in range(2):  # five blocks
+        base.model.layers.append(copy.deepcopy(base.model.layers[-1]))
+    quantize_model(base)
+    monkeypatch.setattr(dec, "use_triton_for", lambda x, *a, **k: True)  # the fused MLP, on CPU
+    _, g0 = _grads(base, False)
+    m = copy.deepcopy(base)
+    m.train()
+    fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations", keep_on_gpu=0, save_mlp=[1])
+    fn.simulate, fn.min_bytes = True, 1024
+    order: list = []
+    for i, layer in enumerate(m.model.layers):
+        layer.self_attn.q_proj.lora_A.register_hook(lambda g, i=i: order.append(i))
+    real = act._ActGroup.prefetch
+
+    def prefetch(self):
+        if self.gpu is None:
+            order.append(f"back {self.idx}")
+        real(self)
+
+    monkeypatch.setattr(act._ActGroup, "prefetch", prefetch)
+    ids, pos = _batch()
+    torch.manual_seed(7)
+    h = m(ids, pos)
+    loss = (h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()
+    loss.backward()
+    assert order == ["back 4", "back 3", 4, "back 2", "back 1", 3, 2, "back 0", 1, 0]
+    g = {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}
+    assert max((g[k] - g0[k]).abs().max().item() for k in g) < 1e-5
+
+
+def test_held_copies_out_are_waited_for_by_index_and_by_bytes(monkeypatch):
+    """Under graph capture the compute stream waits for a block's copies out HOLD_BLOCKS blocks later, or
+    sooner for the oldest held blocks while their bytes pass the cap (and for all at the backward)."""
+    waited: list = []
+
+    class Stream:
+        def wait_event(self, event):
+            waited.append(event)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    fn = OffloadCheckpoint(strategy="activations", num_layers=12)
+    for i in range(5):
+        fn.hold(i, f"e{i}", [torch.empty(100 if i != 2 else 400, dtype=torch.uint8)])
+    assert fn.held_bytes == 800
+    fn.release_held(0, "cpu")  # by index
+    assert waited == ["e0"] and fn.held_bytes == 700
+    fn.release_held(-1, "cpu", cap=250)  # by bytes: the oldest go until at most 250 are held
+    assert waited == ["e0", "e1", "e2"] and fn.held_bytes == 200
+    fn.release_held(None, "cpu")
+    assert waited == ["e0", "e1", "e2", "e3", "e4"] and fn.held_bytes == 0 and not fn.held
