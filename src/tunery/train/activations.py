@@ -380,9 +380,6 @@ class _ActGroup:
                         cal.bytes += self.bytes
                 if capturing:  # record_stream would keep the memory until the capture ends (train/cuda_graph.py)
                     self.owner.hold(self.idx, self.copied, [t for _, t in self.pending])
-        if self.bytes:
-            o = self.owner
-            o.min_group_bytes = min(o.min_group_bytes, self.bytes) if o.min_group_bytes else self.bytes
         self.pending.clear()
         self.keys.clear()
 
@@ -439,11 +436,6 @@ class _ActGroup:
         prev = g.prev() if g.prev is not None else None
         if prev is not None:
             prev.prefetch()
-            # a block that kept gate/up brings ~2.6x a plain block's bytes back: its copy starts a block
-            # earlier, or the backward waits for it (~1.5-2 ms each on an H200, 8B QLoRA)
-            before = prev.prev() if prev.prev is not None else None
-            if before is not None and before.gpu is None and before.bytes > BIG_GROUP * g.owner.min_group_bytes:
-                before.prefetch()
         t = g.gpu[packed.i]
         return t if packed.shape is None else t.as_strided(packed.shape, packed.stride, t.storage_offset())
 
@@ -494,14 +486,7 @@ CALIBRATION_FORWARDS = 3  # save_mlp "auto": timed forwards, the shortest decide
 # against ~110 on an H200, once let 22 blocks of 22 keep gate/up: the copies out then held the step back)
 CALIBRATION_SLEEP_CYCLES = 200_000_000  # GPU clock cycles before a timed forward: 0.1-0.13 s at 1.5-2 GHz
 PREFETCH_LEAD = 2  # kept blocks of backward that the copy back of the last offloaded block overlaps
-# under graph capture: block i's copies out must be done when block i + HOLD_BLOCKS starts, or sooner once the
-# held blocks' bytes pass max(HOLD_MIN_BLOCKS, keep_on_gpu) plain blocks' (what the loss moment holds anyway).
-# At 3 an 8B QLoRA forward on an H200 stalled ~9 ms a step behind the copies out of the blocks that keep
-# gate/up (2.6x a plain block's bytes; the copy engine has ~8% slack per plain block to catch up);
-# 8 with the byte cap: none, and no more memory than the kept blocks hold at the loss (RESULTS.md, 16th session)
-HOLD_BLOCKS = 8
-HOLD_MIN_BLOCKS = 3
-BIG_GROUP = 1.5  # a group this many times the smallest one's bytes is prefetched two blocks ahead in backward
+HOLD_BLOCKS = 3  # under graph capture: block i's copies out must be done when block i + 3 starts
 
 
 class OffloadCheckpoint:
@@ -554,9 +539,7 @@ class OffloadCheckpoint:
         self.weights: WeightStream | WeightGap | None = None  # offload_weights: frozen 4-bit weights (weight_stream.py)
         # under graph capture: (copy-out event, tensors) of the latest blocks, kept alive until the compute
         # stream has waited for their copies out (hold, release_held)
-        self.held: collections.deque[tuple[int, Any, list[torch.Tensor], int]] = collections.deque()
-        self.held_bytes = 0
-        self.min_group_bytes = 0  # the smallest offloaded block's saved bytes (a block without gate/up)
+        self.held: collections.deque[tuple[int, Any, list[torch.Tensor]]] = collections.deque()
         self._param_ptrs: dict[int, set[int]] = {}
         self.last_strategy: str | None = None
 
@@ -594,7 +577,7 @@ class OffloadCheckpoint:
             return layer(x, rope, cu_seqlens, max_seqlen)
         idx = self.layer_index.get(id(layer), 0)
         if self.held:
-            self.release_held(idx - HOLD_BLOCKS, x.device, max(HOLD_MIN_BLOCKS, self.keep_on_gpu) * self.min_group_bytes)
+            self.release_held(idx - HOLD_BLOCKS, x.device)
         ws = self.weights
         if ws is None:
             return self._call(layer, x, rope, cu_seqlens, max_seqlen, idx)
@@ -627,20 +610,16 @@ class OffloadCheckpoint:
 
     def hold(self, idx: int, event, tensors: list[torch.Tensor]) -> None:
         """Under capture: keep block idx's offloaded tensors alive until the compute stream has waited
-        for their copies out (when block idx + HOLD_BLOCKS starts, kept blocks counted, when the held
-        bytes pass the cap, or when the backward begins), instead of record_stream, whose memory a
-        capture never reuses."""
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        self.held.append((idx, event, tensors, nbytes))
-        self.held_bytes += nbytes
+        for their copies out (when block idx + HOLD_BLOCKS starts, kept blocks counted, or when the
+        backward begins), instead of record_stream, whose memory a capture never reuses."""
+        self.held.append((idx, event, tensors))
 
-    def release_held(self, upto: int | None, device: torch.device, cap: float = float("inf")) -> None:
+    def release_held(self, upto: int | None, device: torch.device) -> None:
         """The compute stream waits for the copies out of the held blocks up to index `upto` (None: all),
-        and of the oldest ones while the held bytes exceed `cap`, and lets their memory go."""
+        and lets their memory go."""
         main = torch.cuda.current_stream(device)
-        while self.held and (upto is None or self.held[0][0] <= upto or self.held_bytes > cap):
-            _, event, _, nbytes = self.held.popleft()
-            self.held_bytes -= nbytes
+        while self.held and (upto is None or self.held[0][0] <= upto):
+            _, event, _ = self.held.popleft()
             main.wait_event(event)
 
     def stop_streaming(self) -> None:

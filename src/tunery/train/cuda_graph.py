@@ -159,7 +159,6 @@ class StepGraph:
                           stacklevel=3)
             if hasattr(self.checkpoint, "held"):
                 self.checkpoint.held.clear()
-                self.checkpoint.held_bytes = 0
             self.static = []
             opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
