@@ -396,6 +396,8 @@ def worker(spec: dict) -> dict:
         res["host_pinned_gib"] = round(fn.host_bytes / GiB, 2)
         if getattr(fn, "auto_report", None):
             res["save_mlp_auto"] = fn.auto_report
+        if hasattr(getattr(fn, "weights", None), "lent_blocks"):  # offload_weights_mode lend
+            res["lend_blocks"] = fn.weights.lent_blocks
     return res
 
 
@@ -607,6 +609,8 @@ def fmt(r: dict) -> str:
     pred = f"{r['predicted_gib']:.2f} GiB" if r.get("predicted_gib") is not None else "-"
     speed = f"{r['tokens_per_s']:9.0f} tok/s" if r.get("tokens_per_s") else ""
     extra = f" host {r['host_pinned_gib']} GiB" if r.get("host_pinned_gib") else ""
+    if r.get("lend_blocks") is not None:
+        extra += f" lend: gate/up of {r['lend_blocks']} blocks in weight memory"
     if r.get("graph_stats"):
         g = r["graph_stats"]
         extra += f" graph: {g['replays']} replays" + (f" (eager: {g['why_eager']})" if g["why_eager"] else "")
@@ -639,6 +643,9 @@ def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: 
     if stack == "tunery_nokcat":
         spec["kcat"] = False
     fixed = dict(overrides or {}) if stack.startswith("tunery") else {}
+    if fixed.pop("lend", False):  # --set lend=true: offload_weights_mode lend over every block (weight_stream.py)
+        fixed.update(stream_weights=LLAMA_8B["num_hidden_layers"] if not smoke else TINY["num_hidden_layers"],
+                     weights_mode="lend")
     spec.update(fixed)
     if base == "tunery_act" and not smoke:  # the planner's picks under 7 GiB (it errs high)
         budget = TARGETS["peak_gib"] * GiB

@@ -9,7 +9,7 @@ import torch
 
 from test_offload import HF, _batch, _max_diff, _model
 from tunery.train.activations import apply_checkpointing
-from tunery.train.weight_stream import first_blocks, quantized_buffers
+from tunery.train.weight_stream import WeightLend, first_blocks, quantized_buffers
 
 
 def _qmodel():
@@ -369,7 +369,7 @@ def test_gap_weights_leave_after_forward_and_return_in_backward(monkeypatch, str
     assert torch.allclose(out, ref, atol=1e-5) and sorted(ws.gpu) == [0, 1, 2]
     apply_checkpointing(m, "offload", mlp_chunk=None, offload=strategy)  # detached: hooks off, weights in
     assert not ws.handles and not ws.items
-    with pytest.raises(ValueError, match="stream or gap"):
+    with pytest.raises(ValueError, match="stream, gap or lend"):
         apply_checkpointing(m, "offload", stream_weights=2, weights_mode="slots")
 
 
@@ -416,3 +416,87 @@ def test_gpu_gap_weights_match_resident_ones_and_leave_between_forward_and_backw
     saved = [a - b for a, b in zip(after_fwd[:3], after_fwd[3:])]
     assert all(x >= 0.9 * dropped for x in saved) and abs(saved[-1] - dropped) <= 4096, (saved, dropped, after_fwd)
     assert abs(after_bwd[2] - after_bwd[5]) <= 0.1 * dropped, (after_bwd, dropped)
+
+
+def _lend_setup(monkeypatch, layers: int = 8, keep_on_gpu: int = 2):
+    """An NF4 model of `layers` blocks on the fused path (CPU), and a copy with offload_weights_mode lend."""
+    import tunery.models.decoder as dec
+    from tunery.quant import quantize_model
+
+    base = _model(dropout=0.0)
+    while len(base.model.layers) < layers:
+        base.model.layers.append(copy.deepcopy(base.model.layers[-1]))
+    quantize_model(base)
+    monkeypatch.setattr(dec, "use_triton_for", lambda x, *a, **k: True)  # the fused MLP, on CPU
+    m = copy.deepcopy(base)
+    m.train()
+    fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations", keep_on_gpu=keep_on_gpu)
+    fn.simulate, fn.min_bytes = True, 1024
+    fn.weights = WeightLend({i: layer for i, layer in enumerate(m.model.layers)}, simulate=True)
+    fn.weights._take_all()
+    return base, m, fn
+
+
+def test_lend_keeps_gate_up_in_the_weights_memory_and_gives_the_plain_gradients(monkeypatch):
+    """offload_weights_mode lend: later blocks keep gate/up in the memory of earlier blocks' 4-bit weights
+    (their MLP skips the recompute), the weights come back before their block's backward, and two steps
+    give the plain gradients; the arena holds the weights again after each step."""
+    import tunery.kernels.lora as kl
+
+    base, m, fn = _lend_setup(monkeypatch)
+    lend = fn.weights
+    original = lend.arena.clone()
+    assert torch.equal(original, lend.host)
+    seen = []
+    orig = kl.FusedMLPFunction.apply
+    monkeypatch.setattr(kl.FusedMLPFunction, "apply", lambda *a: seen.append(a[2].recompute) or orig(*a))
+    restored = []
+    real = WeightLend._restore
+    monkeypatch.setattr(WeightLend, "_restore", lambda self, j: restored.append(j) or real(self, j))
+    ids, pos = (t[:, :8].contiguous() for t in _batch())  # short rows: gate/up smaller than a block's weights
+    ref = copy.deepcopy(base)
+    for _ in range(2):
+        seen.clear()
+        restored.clear()
+        grads = []
+        for model in (ref, m):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(7)
+            h = model(ids, pos)
+            loss = (h.float() ** 2).mean() + model.logits(h).logsumexp(-1).mean()
+            loss.backward()
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+        assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) < 1e-5
+        # the blocks that took the arena ran their MLP without the gate/up recompute; none before block 3
+        took = [i for i, r in enumerate(seen[-8:]) if not r]
+        assert lend.lent_blocks == len(took) >= 2 and min(took) >= 3, took
+        assert sorted(restored) == sorted(set(restored)) and restored  # each dirty region copied back once
+        assert not lend.dirty and not lend.borrowed and torch.equal(lend.arena, original)
+
+
+def test_lend_refuses_a_second_forward_before_the_backward(monkeypatch):
+    """Two training forwards then one backward would copy the weights back over the first forward's kept
+    gate/up: the second forward raises, naming what to do. A forward whose graph was dropped is fine."""
+    _, m, fn = _lend_setup(monkeypatch)
+    ids, pos = (t[:, :8].contiguous() for t in _batch())
+    h = m(ids, pos)
+    assert fn.weights.lent_blocks >= 2
+    with pytest.raises(RuntimeError, match="Run backward after each training forward"):
+        m(ids, pos)
+    del h
+    import gc
+
+    gc.collect()
+    h = m(ids, pos)  # the first graph is gone: its regions are restored and lent again
+    (h.float() ** 2).mean().backward()
+    assert not fn.weights.dirty and torch.equal(fn.weights.arena, fn.weights.host)
+
+
+def test_lend_limit_leaves_the_lag_before_each_block():
+    """Block k may fill the arena up to the end of block k - 1 - lag's region (their forwards are done and
+    the copy back has `lag` blocks of backward before block k - 1 - lag needs it)."""
+    lend = WeightLend({}, lag=2, simulate=True)
+    lend.regions = {i: (1024 * i, 1024 * (i + 1)) for i in range(6)}
+    lend.arena = torch.zeros(6 * 1024, dtype=torch.uint8)
+    assert [lend.limit(k) for k in range(6)] == [0, 0, 0, 1024, 2048, 3072]
+    assert not lend.can_take(3, 1024) and lend.can_take(5, 2048)

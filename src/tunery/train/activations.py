@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .weight_stream import WeightGap, WeightStream, first_blocks, quantized_buffers
+from .weight_stream import WeightGap, WeightLend, WeightStream, first_blocks, quantized_buffers
 
 
 # ------------------------------------------------------------------------------- recompute helper
@@ -598,15 +598,16 @@ class OffloadCheckpoint:
         forwards, streamed weights' waits, the inputs strategy's side-stream memory) must be settled."""
         if self.auto:
             return "offload_save_mlp auto is still timing forwards"
-        if self.weights is not None:
-            return "offload_weights moves weights with host-side waits"
+        if self.weights is not None and not isinstance(self.weights, WeightLend):
+            return "offload_weights moves weights with host-side waits (offload_weights_mode lend does not)"
         if self.last_strategy not in (None, "activations"):
             return f"offload strategy {self.last_strategy!r} (only 'activations' is captured)"
         return None
 
     def side_streams(self) -> list:
         """The copy streams, which a capture forks from and joins back to its own."""
-        return [self.stream, self.h2d_stream]
+        lend = self.weights.side_streams() if isinstance(self.weights, WeightLend) else []
+        return [self.stream, self.h2d_stream, *lend]
 
     def hold(self, idx: int, event, tensors: list[torch.Tensor]) -> None:
         """Under capture: keep block idx's offloaded tensors alive until the compute stream has waited
@@ -639,12 +640,16 @@ class OffloadCheckpoint:
                 self._calibrate(layer, x, idx)
                 if self._cal is not None and self._cal.end is None and idx > 0:
                     self._cal.blocks.append(self._cal.event(torch.cuda.current_stream(x.device)))
+            lend = self._lend_to(layer, x, idx)
             if not offload:  # a kept block: its tensors stay on the GPU
-                with _MLPRecompute(layer, idx not in self.save_mlp):
+                with _MLPRecompute(layer, idx not in self.save_mlp and lend is None), \
+                        (torch.autograd.graph.saved_tensors_hooks(lend.pack, _same) if lend else _Null()):
                     y = layer(x, rope, cu_seqlens, max_seqlen)
                 self._prefetch_after_kept(y, idx)
             else:
-                y = self._activations(layer, x, rope, cu_seqlens, max_seqlen, first, idx)
+                y = self._activations(layer, x, rope, cu_seqlens, max_seqlen, first, idx, lend)
+            if lend is not None:
+                lend.end(idx)
             if self._cal is not None and self._cal.end is None and idx == (self.num_layers or 1) - 1:
                 self._cal.end = self._cal.event(torch.cuda.current_stream(x.device))
             return y
@@ -739,7 +744,23 @@ class OffloadCheckpoint:
                             "copy_gbps": round(copied / copy_ms / 1e6, 1) if copy_ms else None,
                             "save_mlp_blocks": n}
 
-    def _activations(self, layer, x, rope, cu_seqlens, max_seqlen, first: bool, idx: int) -> torch.Tensor:
+    def _lend_to(self, layer: nn.Module, x: torch.Tensor, idx: int) -> WeightLend | None:
+        """offload_weights_mode "lend": the WeightLend, begun for block idx, when the block's gate/up fit in
+        the lent weights' memory now (its fused MLP then keeps them there instead of recomputing them)."""
+        ws = self.weights
+        if not isinstance(ws, WeightLend):
+            return None
+        inter = getattr(getattr(getattr(layer, "mlp", None), "gate_proj", None), "out_features", None)
+        if not inter or getattr(layer.mlp, "recompute", None) is None:
+            return None
+        rows = x.numel() // x.shape[-1]
+        if not ws.can_take(idx, 2 * rows * inter * x.element_size()):
+            return None
+        ws.begin(idx, rows, inter)
+        return ws
+
+    def _activations(self, layer, x, rope, cu_seqlens, max_seqlen, first: bool, idx: int,
+                     lend: WeightLend | None = None) -> torch.Tensor:
         key = id(layer)
         # frozen 16-bit weights are saved by the matmuls: never copy them. A block whose quantized weights
         # move (offload_weights_mode gap) gets their addresses from the mover at each forward: their old
@@ -758,8 +779,9 @@ class OffloadCheckpoint:
         group.prev = None if first else self._last_group
         # the fused MLP recomputes gate/up in backward instead of saving them (unless idx is in save_mlp):
         # offloading them would move 2 x intermediate/hidden (7x for Llama-8B) more bytes per block
-        with _MLPRecompute(layer, idx not in self.save_mlp), \
-                torch.autograd.graph.saved_tensors_hooks(group.pack, _ActGroup.unpack):
+        pack = group.pack if lend is None else functools.partial(_lend_first, lend, group.pack)
+        with _MLPRecompute(layer, idx not in self.save_mlp and lend is None), \
+                torch.autograd.graph.saved_tensors_hooks(pack, _ActGroup.unpack):
             y = layer(x, rope, cu_seqlens, max_seqlen)
         group.close()
         self._last_group = weakref.ref(group)
@@ -830,6 +852,26 @@ class _MLPRecompute:
             self.mlp.recompute = self.old
 
 
+def _lend_first(lend: WeightLend, pack: Callable, t: torch.Tensor):
+    """An offloaded block that keeps gate/up in lent weight memory: those go there, the rest to pack."""
+    v = lend.take(t)
+    return v if v is not None else pack(t)
+
+
+
+
+def _same(t):
+    return t
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def _tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -894,7 +936,9 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
     (GPU memory; the planner's `best_save_kept` says how many fit). `stream_weights` (offload mode): the
     first N offloaded blocks keep their frozen 4-bit weights in host memory and copy them in for their
     forward and backward (`weights_mode` "stream"), or the first N blocks' leave the GPU after their
-    forward and come back during the backward ("gap"; train/weight_stream.py).
+    forward and come back during the backward ("gap"), or the first N blocks' stay put and lend their
+    memory between forward and backward to later blocks' gate/up ("lend", strategy "activations";
+    train/weight_stream.py).
     Returns the installed checkpoint function (an OffloadCheckpoint for "offload").
     """
     if mode not in (None, False, True, "offload"):
@@ -913,8 +957,8 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
         return None
     if stream_weights and mode != "offload":
         raise ValueError("streaming weights from host memory needs gradient_checkpointing: offload")
-    if weights_mode not in ("stream", "gap"):
-        raise ValueError(f"offload_weights_mode must be stream or gap, got {weights_mode!r}")
+    if weights_mode not in ("stream", "gap", "lend"):
+        raise ValueError(f"offload_weights_mode must be stream, gap or lend, got {weights_mode!r}")
     old = getattr(body, "checkpoint_fn", None)
     if isinstance(old, OffloadCheckpoint):  # hooks off, weights back on the GPU before a new setup
         old.stop_streaming()
@@ -927,7 +971,11 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
         off = OffloadCheckpoint(keep_on_gpu, len(body.layers), strategy=offload, save_mlp=save_mlp,
                                 save_kept=save_mlp_kept)
         off.layer_index = {id(layer): i for i, layer in enumerate(body.layers)}
-        if stream_weights and weights_mode == "gap":
+        if stream_weights and weights_mode == "lend":
+            n = len(body.layers)
+            off.weights = WeightLend({i: body.layers[i] for i in range(min(stream_weights, n))})
+            off.weights._take_all()  # the arena now: the first step's peak too
+        elif stream_weights and weights_mode == "gap":
             n = len(body.layers)
             off.weights = WeightGap({i: body.layers[i] for i in range(min(stream_weights, n))}, n, keep_on_gpu)
             off.weights._take_all()  # host copies now: a block's weights can leave at its first forward

@@ -158,7 +158,8 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, dict[str, float]]:
         w_lin = L * w_block
         if s.checkpointing == "offload" and s.stream_weights and s.weights_mode == "gap":
             gap = min(s.stream_weights, L)
-        elif s.checkpointing == "offload" and s.stream_weights:  # in CPU memory; two blocks' on the GPU at a time
+        elif s.checkpointing == "offload" and s.stream_weights and s.weights_mode == "stream":  # in CPU memory; two
+            # blocks' on the GPU at a time ("lend" keeps every weight on the GPU: its gate/up go in their memory)
             streamed = min(s.stream_weights, L - min(L, s.keep_on_gpu))
             streamed_b = max(0, streamed - 2) * w_block
             w_lin -= streamed_b

@@ -403,7 +403,232 @@ class WeightGap:
         self.host_bytes = 0
 
 
-def at_backward_start(y: torch.Tensor, mover: WeightStream | WeightGap, idx: int) -> None:
+LEND_LAG = 2  # blocks between the last region a block may borrow and the block itself (the restore's head start)
+
+
+class WeightLend:
+    """offload_weights_mode "lend": every block's frozen quantized weights stay at fixed GPU addresses, in
+    one arena in block order; between a block's training forward and its backward their bytes hold the
+    gate/up of later blocks, and come back from a pinned host copy before that backward.
+
+    Why: the step is power-bound on an H200 (benchmarks/RESULTS.md, sixteenth session): removing idle
+    time did not make it faster, less work does. The fused MLP's gate/up recompute is ~18% of an 8B
+    QLoRA step's GEMMs, and keeping them costs 235 MB a block that the 7 GiB budget does not have; the
+    early blocks' 4-bit weights (112 MB a block) sit unused from their forward to their backward.
+    Unlike "gap" nothing is allocated or freed and no module's buffer changes: a CUDA graph captures the
+    copies (host-side waits and moving addresses kept "gap" out of capture).
+
+    The arena fills from its start as the forward goes (a bump pointer; block k may use the regions of
+    blocks < k - LEND_LAG, whose forward is done). A block takes it when both its gate and up fit
+    (`can_take`); OffloadCheckpoint then runs its MLP without the recompute and its pack hook sends the
+    two [tokens, intermediate] tensors here (`take`). In backward, once every block that borrowed a
+    region has run its backward, the region's bytes are copied back from the host on a stream of their
+    own, and the compute stream waits for them when the region's block's backward starts; the regions
+    a block borrows end LEND_LAG blocks before it, so that copy has two blocks of backward to hide behind.
+
+    A forward of a block whose region is still lent to a pending backward (two forwards before one
+    backward) raises: run backward after each training forward, or use "gap". A lent region whose
+    borrowers' graph is gone (a forward never followed by backward) is restored, synchronously, by the
+    block's next forward. `simulate=True` (tests on CPU) keeps the "GPU" arena and host copy on the CPU.
+    """
+
+    def __init__(self, blocks: dict[int, nn.Module], lag: int = LEND_LAG, simulate: bool = False):
+        self.simulate = simulate
+        self.lag = lag
+        self.blocks = {i: weakref.ref(b) for i, b in blocks.items()}
+        self.regions: dict[int, tuple[int, int]] = {}  # block -> (start, end) bytes in the arena
+        self.arena: torch.Tensor | None = None  # flat uint8, on the GPU
+        self.host: torch.Tensor | None = None  # its pinned host copy
+        self.device: torch.device | None = None
+        self.host_bytes = 0
+        self.ptr = 0  # the arena's next free byte in this forward
+        self.closed = False  # this forward lends nothing (an earlier forward's backward is pending)
+        self.taking: int | None = None  # the block whose gate/up go to the arena now
+        self.rows = self.inter = 0
+        self.start = 0
+        self.borrowed: dict[int, list[weakref.ref]] = {}  # borrower block -> its arena tensors (weakly)
+        self.dirty: dict[int, int] = {}  # lent block -> its earliest borrower (the last to run backward)
+        self.events: dict[int, torch.cuda.Event] = {}  # block -> its region's copy back
+        self.lent_blocks = 0  # blocks that took the arena in the last forward
+        self._stream = None
+        self.handles = [b.register_forward_pre_hook(lambda mod, args, i=i: self.ensure(i)) for i, b in blocks.items()]
+
+    # -- setup and teardown ------------------------------------------------------------------------
+    def _take_all(self) -> None:
+        """The blocks' quantized buffers moved into one GPU arena in block order, with a pinned host copy:
+        to the host first and the GPU tensors freed, then the arena made, so the weights never exist twice
+        on the GPU."""
+        if self.arena is not None:
+            return
+        found = {i: _movable(ref(), self.simulate) for i, ref in sorted(self.blocks.items())}
+        tensors = [t for items in found.values() for _, _, t in items]
+        if not tensors:  # still on the CPU (moved to the GPU later): taken at first use then
+            return
+        offsets, size = flat_offsets(tensors)
+        self.device = tensors[0].device
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=not self.simulate)
+        placed, k = [], 0
+        for idx, items in found.items():
+            lo = offsets[k] if items else None
+            for m, name, t in items:
+                flat_view(host, offsets[k], t).copy_(t)
+                placed.append((m, name, t, offsets[k]))
+                k += 1
+            if items:
+                self.regions[idx] = (lo, offsets[k] if k < len(offsets) else size)
+        for m, name, t, off in placed:  # GPU originals let go before the arena exists
+            _put(m, name, flat_view(host, off, t))
+        arena = host.clone() if self.simulate else torch.empty(size, dtype=torch.uint8, device=self.device)
+        if not self.simulate:
+            arena.copy_(host)
+        for m, name, t, off in placed:
+            _put(m, name, flat_view(arena, off, t))
+        self.arena, self.host, self.host_bytes = arena, host, size
+
+    def detach(self) -> None:
+        """Hooks off; every lent region restored (the weights stay in the arena)."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for j in list(self.dirty):
+            self._restore(j)
+        for j in list(self.events):
+            self._wait(j)
+        self.borrowed.clear()
+
+    # -- forward -----------------------------------------------------------------------------------
+    def new_forward(self) -> None:
+        """A training forward starts (block 0): the arena fills from its start, unless an earlier
+        forward's gate/up still wait in it for their backward (then this forward borrows nothing)."""
+        self._take_all()
+        self._forget_dead()
+        self.closed = bool(self.borrowed)
+        if not self.closed:
+            self.ptr = 0
+        self.lent_blocks = 0
+
+    def limit(self, idx: int) -> int:
+        """Arena bytes block idx may fill: up to the end of block idx - 1 - lag's region."""
+        j = idx - 1 - self.lag
+        while j >= 0 and j not in self.regions:
+            j -= 1
+        return self.regions[j][1] if j >= 0 else 0
+
+    def can_take(self, idx: int, nbytes: int) -> bool:
+        """Block idx's gate/up (`nbytes` in all) fit in the arena now."""
+        if self.closed or self.arena is None:
+            return False
+        return _aligned(self.ptr) + nbytes + ALIGN <= self.limit(idx)
+
+    def begin(self, idx: int, rows: int, inter: int) -> None:
+        self.taking, self.rows, self.inter, self.start = idx, rows, inter, self.ptr
+
+    def take(self, t: torch.Tensor) -> torch.Tensor | None:
+        """A tensor the taking block saves for backward: its copy in the arena if it is gate or up (a
+        contiguous [rows, intermediate] tensor) and fits, else None."""
+        if self.taking is None or t.dim() != 2 or t.shape[0] != self.rows or t.shape[1] != self.inter \
+                or not t.is_contiguous() or t.requires_grad:
+            return None
+        start = _aligned(self.ptr)
+        end = start + t.numel() * t.element_size()
+        if end > self.limit(self.taking):
+            return None
+        view = flat_view(self.arena, start, t)
+        view.copy_(t)
+        self.ptr = end
+        self.borrowed.setdefault(self.taking, []).append(weakref.ref(view))
+        return view
+
+    def end(self, idx: int) -> None:
+        """Block idx's forward is over: the regions under what it took are lent to it."""
+        self.taking = None
+        if self.ptr == self.start:
+            return
+        self.lent_blocks += 1
+        for j, (lo, hi) in self.regions.items():
+            if lo < self.ptr and hi > self.start:
+                self.dirty[j] = min(self.dirty.get(j, idx), idx)
+
+    def pack(self, t: torch.Tensor):
+        """saved_tensors_hooks pack for a kept block that takes the arena. The other tensors are handed back
+        as an alias with no graph node: one the saving op made itself (attention's output) would else tie
+        that node to itself through its saved tensor, a cycle through C++ that no collector frees (the whole
+        step's graph with it)."""
+        v = self.take(t)
+        if v is not None:
+            return v
+        return t if t.grad_fn is None else t.detach()
+
+    def ensure(self, idx: int) -> None:
+        """Any forward of block idx (a pre-hook): its weights must be in place."""
+        if idx in self.dirty:
+            self._forget_dead()
+            if any(k > idx for k in self.borrowed):
+                raise RuntimeError(
+                    f"offload_weights_mode lend: a forward of block {idx} while its 4-bit weights' memory holds "
+                    "gate/up that an earlier forward saved for its backward. Run backward after each training "
+                    "forward, or use offload_weights_mode: gap")
+            self._restore(idx)
+        if idx in self.events:
+            self._wait(idx)
+
+    # -- backward ----------------------------------------------------------------------------------
+    def backward_hook(self, y: torch.Tensor, idx: int) -> None:
+        """Every block: a region lent later in this forward must be back before this block's backward."""
+        if not self.closed:
+            at_backward_start(y, self, idx)
+
+    def backward_start(self, idx: int) -> None:
+        """Block idx's backward starts, every later block's is done: the regions all of whose borrowers
+        are done start coming back, and idx's own region must be back."""
+        for k in [k for k in self.borrowed if k > idx]:
+            del self.borrowed[k]
+        for j in [j for j, first in self.dirty.items() if first > idx]:
+            self._restore(j)
+        if idx in self.events:
+            self._wait(idx)
+
+    def after_forward(self, idx: int) -> None:
+        """(Nothing moves after a forward.)"""
+
+    # -- copies ------------------------------------------------------------------------------------
+    def _restore(self, j: int) -> None:
+        lo, hi = self.regions[j]
+        del self.dirty[j]
+        if self.simulate:
+            self.arena[lo:hi].copy_(self.host[lo:hi])
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # its borrowers' kernels have run
+        with torch.cuda.stream(self._stream):
+            self.arena[lo:hi].copy_(self.host[lo:hi], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        self.events[j] = ev
+
+    def _wait(self, j: int) -> None:
+        ev = self.events.pop(j)
+        torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def _forget_dead(self) -> None:
+        """Borrowers whose saved tensors are all gone (their graph freed without a backward) hold nothing."""
+        for k in [k for k, refs in self.borrowed.items() if all(r() is None for r in refs)]:
+            del self.borrowed[k]
+
+    def side_streams(self) -> list:
+        if self.simulate:
+            return []
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return [self._stream]
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def at_backward_start(y: torch.Tensor, mover: WeightStream | WeightGap | WeightLend, idx: int) -> None:
     """mover.backward_start(idx) once y's gradient is complete, i.e. when block idx's backward starts
     (y: that block's output); the hook holds the mover weakly."""
     if not y.requires_grad:
@@ -451,4 +676,5 @@ def first_blocks(num_layers: int, keep_on_gpu: int, count: int) -> list[int]:
     return list(range(min(max(count, 0), n_off)))
 
 
-__all__ = ["WeightGap", "WeightStream", "at_backward_start", "first_blocks", "gap_returns", "quantized_buffers"]
+__all__ = ["WeightGap", "WeightLend", "WeightStream", "at_backward_start", "first_blocks", "gap_returns",
+           "quantized_buffers"]
