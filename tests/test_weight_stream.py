@@ -500,3 +500,35 @@ def test_lend_limit_leaves_the_lag_before_each_block():
     lend.arena = torch.zeros(6 * 1024, dtype=torch.uint8)
     assert [lend.limit(k) for k in range(6)] == [0, 0, 0, 1024, 2048, 3072]
     assert not lend.can_take(3, 1024) and lend.can_take(5, 2048)
+
+
+@pytest.mark.gpu
+def test_gpu_lend_matches_resident_weights_and_restores_them(monkeypatch):
+    """CUDA, real copies back on their own stream: with offload_weights_mode lend, three steps give the
+    gradients of the plain run, blocks keep gate/up in the lent weight memory, and after each backward the
+    arena holds the 4-bit weights again, byte for byte."""
+    import test_offload
+
+    monkeypatch.setitem(test_offload.HF, "num_hidden_layers", 8)
+    base = _qmodel().cuda()
+    grads = []
+    for mode in ("stream", "lend"):
+        m = copy.deepcopy(base)
+        m.train()
+        fn = apply_checkpointing(m, "offload", mlp_chunk=None, offload="activations", keep_on_gpu=1,
+                                 stream_weights=8 if mode == "lend" else 0, weights_mode=mode)
+        fn.min_bytes = 1024
+        for _ in range(3):
+            m.zero_grad(set_to_none=True)
+            ids, pos = (t[:, :8].contiguous().cuda() for t in _batch())  # gate/up smaller than a block's weights
+            torch.manual_seed(7)
+            h = m(ids, pos)
+            ((h.float() ** 2).mean() + m.logits(h).logsumexp(-1).mean()).backward()
+            del h
+            torch.cuda.synchronize()
+            if mode == "lend":
+                assert fn.weights.lent_blocks >= 2 and not fn.weights.dirty
+                assert torch.equal(fn.weights.arena.cpu(), fn.weights.host)
+        grads.append({k: p.grad.cpu() for k, p in m.named_parameters() if p.requires_grad})
+        del m, fn
+    assert _max_diff(grads[1], grads[0]) < 1e-5

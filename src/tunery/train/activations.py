@@ -27,7 +27,6 @@ from __future__ import annotations
 import bisect
 import collections
 import functools
-import os
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -974,8 +973,7 @@ def apply_checkpointing(model: nn.Module, mode: bool | str | None, *, mlp_chunk:
         off.layer_index = {id(layer): i for i, layer in enumerate(body.layers)}
         if stream_weights and weights_mode == "lend":
             n = len(body.layers)
-            shared = (lambda: off.h2d_stream) if os.environ.get("TUNERY_LEND_STREAM") == "shared" else None
-            off.weights = WeightLend({i: body.layers[i] for i in range(min(stream_weights, n))}, h2d_stream=shared)
+            off.weights = WeightLend({i: body.layers[i] for i in range(min(stream_weights, n))})
             off.weights._take_all()  # the arena now: the first step's peak too
         elif stream_weights and weights_mode == "gap":
             n = len(body.layers)

@@ -432,9 +432,8 @@ class WeightLend:
     block's next forward. `simulate=True` (tests on CPU) keeps the "GPU" arena and host copy on the CPU.
     """
 
-    def __init__(self, blocks: dict[int, nn.Module], lag: int = LEND_LAG, simulate: bool = False, h2d_stream=None):
+    def __init__(self, blocks: dict[int, nn.Module], lag: int = LEND_LAG, simulate: bool = False):
         self.simulate = simulate
-        self._shared = h2d_stream  # a callable giving a stream to share (the activations' copies back), or None
         self.lag = lag
         self.blocks = {i: weakref.ref(b) for i, b in blocks.items()}
         self.regions: dict[int, tuple[int, int]] = {}  # block -> (start, end) bytes in the arena
@@ -600,7 +599,7 @@ class WeightLend:
             self.arena[lo:hi].copy_(self.host[lo:hi])
             return
         if self._stream is None:
-            self._stream = self._shared() if self._shared is not None else torch.cuda.Stream(self.device)
+            self._stream = torch.cuda.Stream(self.device)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))  # its borrowers' kernels have run
         with torch.cuda.stream(self._stream):
             self.arena[lo:hi].copy_(self.host[lo:hi], non_blocking=True)
@@ -618,7 +617,7 @@ class WeightLend:
             del self.borrowed[k]
 
     def side_streams(self) -> list:
-        if self.simulate or self._shared is not None:
+        if self.simulate:
             return []
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
