@@ -169,6 +169,10 @@ def build_tunery(spec: dict, device: str):
         set_mlp_recompute(model, bool(spec.get("mlp_recompute", False)))
     except ImportError:
         pass
+    if "prefetch_ahead" in spec:  # --set prefetch_ahead=N: offloaded blocks coming back at once in backward
+        import tunery.train.activations as act
+
+        act.PREFETCH_AHEAD = int(spec["prefetch_ahead"])
     save_off = spec.get("save_off", 0)
     apply_checkpointing(model, spec.get("ckpt", "offload"), mlp_chunk=spec.get("mlp_chunk"),
                         keep_on_gpu=spec.get("keep_on_gpu", 0), offload=spec.get("offload", "inputs"),

@@ -434,8 +434,11 @@ class _ActGroup:
         g = packed.group
         g.load()
         prev = g.prev() if g.prev is not None else None
-        if prev is not None:
+        for _ in range(PREFETCH_AHEAD):  # the next blocks' tensors start coming back
+            if prev is None:
+                break
             prev.prefetch()
+            prev = prev.prev() if prev.prev is not None else None
         t = g.gpu[packed.i]
         return t if packed.shape is None else t.as_strided(packed.shape, packed.stride, t.storage_offset())
 
@@ -486,6 +489,11 @@ CALIBRATION_FORWARDS = 3  # save_mlp "auto": timed forwards, the shortest decide
 # against ~110 on an H200, once let 22 blocks of 22 keep gate/up: the copies out then held the step back)
 CALIBRATION_SLEEP_CYCLES = 200_000_000  # GPU clock cycles before a timed forward: 0.1-0.13 s at 1.5-2 GHz
 PREFETCH_LEAD = 2  # kept blocks of backward that the copy back of the last offloaded block overlaps
+# offloaded blocks whose tensors are on their way back while one block's backward runs. 2: the copy engine
+# has two blocks' backward to bring a block back, for the blocks whose backward is short (no gate/up
+# recompute) or whose copy is long (it kept gate/up, or lent weights come back beside it); one block's
+# tensors more on the GPU in the offloaded blocks' backward, well below the kept blocks' moment
+PREFETCH_AHEAD = 1
 HOLD_BLOCKS = 3  # under graph capture: block i's copies out must be done when block i + 3 starts
 
 
