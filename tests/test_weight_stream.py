@@ -150,9 +150,17 @@ def test_config_offload_weights_needs_4bit_offload_and_one_gpu(tiny_llama):
     assert load_config({**base, "gradient_checkpointing": True}).offload_weights == 0
     with pytest.raises(Exception, match="offload_weights_mode: gap .* set offload_weights: N"):  # would do nothing
         load_config({**base, "offload_weights_mode": "gap"})
+    lend = {**base, "offload_weights": 32, "offload_weights_mode": "lend", "offload_strategy": "activations"}
+    assert setup_from_config(load_config({**lend, "cuda_graph": True})).weights_mode == "lend"  # capturable
+    with pytest.raises(Exception, match="lend keeps gate/up of offload_strategy activations"):
+        load_config({**lend, "offload_strategy": "inputs"})
+    with pytest.raises(Exception, match="lend needs each training forward's backward"):
+        load_config({**lend, "rl": "dpo"})
+    with pytest.raises(Exception, match="cuda_graph: offload_weights_mode gap"):
+        load_config({**base, "offload_weights": 3, "offload_weights_mode": "gap", "cuda_graph": True})
 
 
-@pytest.mark.parametrize("mode", ["stream", "gap"])
+@pytest.mark.parametrize("mode", ["stream", "gap", "lend"])
 def test_trainer_streams_and_restores(tiny_llama, gsm8k_small, tmp_path, monkeypatch, mode):
     """`offload_weights` (and its mode) reach the checkpoint function; at the end the weights are back in
     place for good (hooks off). On CPU the offload is plain recomputation: nothing streams."""
@@ -174,6 +182,7 @@ def test_trainer_streams_and_restores(tiny_llama, gsm8k_small, tmp_path, monkeyp
                          "field_output": "answer"}],
            "sequence_len": 256, "micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3,
            "gradient_checkpointing": "offload", "offload_weights": 1, "offload_weights_mode": mode,
+           "offload_strategy": "activations" if mode == "lend" else "inputs",
            "output_dir": str(tmp_path / "run"), "progress_bar": False,
            "dataset_prepared_path": str(tmp_path / "prepared")}
     run = train(cfg)

@@ -55,9 +55,16 @@ class Config(
             if unused:
                 problems.append(f"{', '.join(unused)} work with gradient_checkpointing: offload, and "
                                 f"gradient_checkpointing is {str(self.gradient_checkpointing).lower()}")
-        if self.offload_weights_mode == "gap" and not self.offload_weights:
-            problems.append("offload_weights_mode: gap moves the first offload_weights blocks' 4-bit weights, and "
-                            "offload_weights is 0: set offload_weights: N (`tunery plan` counts it)")
+        if self.offload_weights_mode in ("gap", "lend") and not self.offload_weights:
+            problems.append(f"offload_weights_mode: {self.offload_weights_mode} moves the first offload_weights blocks' "
+                            "4-bit weights, and offload_weights is 0: set offload_weights: N (`tunery plan` counts it)")
+        if self.offload_weights_mode == "lend" and self.offload_weights:
+            if self.offload_strategy != "activations":
+                problems.append("offload_weights_mode: lend keeps gate/up of offload_strategy activations in the "
+                                f"weights' memory: set offload_strategy: activations (it is {self.offload_strategy})")
+            if self.rl is not None:
+                problems.append(f"offload_weights_mode: lend needs each training forward's backward before the next "
+                                f"forward, and rl: {self.rl} runs more forwards: use offload_weights_mode: gap")
         if self.offload_weights:
             if self.gradient_checkpointing != "offload" or not self.load_in_4bit:
                 problems.append("offload_weights streams the frozen 4-bit weights with the offloaded activations: "
@@ -72,8 +79,9 @@ class Config(
                 problems.append(f"cuda_graph captures SFT steps; rl: {self.rl} runs eagerly: set cuda_graph: false")
             if self.fsdp:
                 problems.append("cuda_graph is for one GPU; fsdp is set")
-            if self.offload_weights:
-                problems.append("cuda_graph: offload_weights moves weights with host-side waits: set offload_weights: 0")
+            if self.offload_weights and self.offload_weights_mode != "lend":
+                problems.append(f"cuda_graph: offload_weights_mode {self.offload_weights_mode} moves weights with "
+                                "host-side waits: set offload_weights: 0, or offload_weights_mode: lend")
             if self.gradient_checkpointing == "offload" and self.offload_strategy != "activations":
                 problems.append("cuda_graph with gradient_checkpointing: offload needs offload_strategy: activations "
                                 f"(it is {self.offload_strategy})")

@@ -53,7 +53,7 @@ class TrainingSection(Section):
         "which share PCIe with the offloaded activations: on an H200, 8B at 2 x 2048 tokens, N=32 with "
         "offload_keep_on_gpu: 0 took the peak from 6.66 to 2.92 GiB at ~6% fewer tokens/s. `tunery plan` "
         "counts it.")
-    offload_weights_mode: Literal["stream", "gap"] = Field("stream", description="How offload_weights moves them. "
+    offload_weights_mode: Literal["stream", "gap", "lend"] = Field("stream", description="How offload_weights moves them. "
         "stream: as above (the least GPU memory). gap: the first N blocks' 4-bit weights leave the GPU after "
         "their forward and come back during the kept blocks' backward, staying through the next forward; "
         "they are off the GPU where the step peaks (the loss, the start of the backward), which leaves room "
@@ -61,15 +61,20 @@ class TrainingSection(Section):
         "2 x 2048 tokens under 7 GiB, N=24 with 10-11 kept blocks all keeping gate/up ran 5-8% more tokens/s "
         "than the same budget without it in paired runs, and 2-8% less on machines where its forward then "
         "waited on the CPU (the saved recompute makes the GPU's share of a step smaller). Host-to-device "
-        "copies: N blocks' weights once per step.")
+        "copies: N blocks' weights once per step. lend (offload_strategy activations, SFT): the first N blocks' "
+        "4-bit weights stay on the GPU, and between a block's forward and its backward their memory holds later "
+        "blocks' gate/up (no recompute for those blocks; no extra GPU memory), copied back from a host copy in "
+        "the backward; works with cuda_graph. It trades compute for host-to-device copies in the backward: on "
+        "an H200, 8B at 2 x 2048 tokens, 13 blocks kept gate/up and the step ran +0-1% (the copies back then "
+        "fill PCIe); a GPU with a faster host link gains more.")
     cuda_graph: bool = Field(False, description="On one GPU (SFT): after the first steps, capture the whole "
         "optimizer step (every micro-batch's forward and backward, clipping, the optimizer) as one CUDA graph "
         "and replay it, so the CPU no longer launches ~100 kernels per decoder block. Pays off where the step "
         "waits on the CPU: 8B QLoRA on an H200 with a slower host CPU ran 13.8k tokens/s against 11.8-12.1k "
         "eagerly (benchmarks/RESULTS.md). Each micro-batch is padded to micro_batch_size x sequence_len tokens "
         "(use sample_packing, or short rows pay for the padding). Needs gradient_checkpointing false, true, or "
-        "offload with offload_strategy activations, and no offload_weights; a step that cannot be replayed "
-        "runs eagerly.")
+        "offload with offload_strategy activations, and no offload_weights (but offload_weights_mode: lend); a "
+        "step that cannot be replayed runs eagerly.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
     eval_batch_size: int | None = None
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")

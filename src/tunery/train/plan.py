@@ -439,12 +439,14 @@ def _suggest(r: PlanReport, budget: int) -> None:
     t = replace(s, checkpointing="offload", mlp_chunk=s.mlp_chunk or 8192)
     n = _streamed_fit(shape, t, budget)
     if n:  # the same micro-batch with the 4-bit weights streamed: ~5% slower, where accumulation costs more
-        r.suggestions.append(f"gradient_checkpointing: offload with offload_weights: {n} fits at micro_batch_size "
-                             f"{s.micro_batch} (predicted {_gib(peak_bytes(shape, replace(t, stream_weights=n)))})")
+        mode = "" if s.weights_mode == "stream" else " and offload_weights_mode: stream"
+        r.suggestions.append(f"gradient_checkpointing: offload with offload_weights: {n}{mode} fits at micro_batch_size "
+                             f"{s.micro_batch} (predicted "
+                             f"{_gib(peak_bytes(shape, replace(t, stream_weights=n, weights_mode='stream')))})")
         return
     mb = _largest_micro_batch(shape, t, budget)
     if peak_bytes(shape, replace(t, micro_batch=mb)) > budget and s.adapter == "qlora":
-        t = replace(t, stream_weights=shape.layers, keep_on_gpu=0)
+        t = replace(t, stream_weights=shape.layers, keep_on_gpu=0, weights_mode="stream")
         mb = _largest_micro_batch(shape, t, budget)
     if peak_bytes(shape, replace(t, micro_batch=mb)) <= budget:
         acc = math.ceil(s.micro_batch / mb)
@@ -455,7 +457,7 @@ def _suggest(r: PlanReport, budget: int) -> None:
         return
     t = replace(s, micro_batch=1, checkpointing="offload", mlp_chunk=8192)
     if s.adapter == "qlora":
-        t = replace(t, stream_weights=shape.layers, keep_on_gpu=0)
+        t = replace(t, stream_weights=shape.layers, keep_on_gpu=0, weights_mode="stream")
     longest = max_seq_len(shape, t, budget)
     if longest:
         streamed = f", offload_keep_on_gpu: 0, offload_weights: {shape.layers}" if t.stream_weights else ""
@@ -487,7 +489,7 @@ def _streamed_fit(shape: ModelShape, s: Setup, budget: int) -> int:
         return 0
     n_off = shape.layers - min(shape.layers, s.keep_on_gpu)
     for n in range(3, n_off + 1):  # two blocks' weights stay on the GPU: fewer than three frees nothing
-        if peak_bytes(shape, replace(s, stream_weights=n)) <= budget:
+        if peak_bytes(shape, replace(s, stream_weights=n, weights_mode="stream")) <= budget:
             return n
     return 0
 
