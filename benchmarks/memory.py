@@ -647,9 +647,10 @@ def speed_spec(stack: str, mode: str, model: dict, seq: int, batch: int, smoke: 
     if stack == "tunery_nokcat":
         spec["kcat"] = False
     fixed = dict(overrides or {}) if stack.startswith("tunery") else {}
-    if fixed.pop("lend", False):  # --set lend=true: offload_weights_mode lend over every block (weight_stream.py)
-        fixed.update(stream_weights=LLAMA_8B["num_hidden_layers"] if not smoke else TINY["num_hidden_layers"],
-                     weights_mode="lend")
+    if fixed.pop("lend", False):  # --set lend=true: offload_weights_mode lend, over every block unless
+        # --set stream_weights=N says how many (weight_stream.py)
+        fixed.setdefault("stream_weights", (TINY if smoke else LLAMA_8B)["num_hidden_layers"])
+        fixed["weights_mode"] = "lend"
     spec.update(fixed)
     if base == "tunery_act" and not smoke:  # the planner's picks under 7 GiB (it errs high)
         budget = TARGETS["peak_gib"] * GiB
