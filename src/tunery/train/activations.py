@@ -494,7 +494,11 @@ PREFETCH_LEAD = 2  # kept blocks of backward that the copy back of the last offl
 # recompute) or whose copy is long (it kept gate/up, or lent weights come back beside it); one block's
 # tensors more on the GPU in the offloaded blocks' backward, well below the kept blocks' moment
 PREFETCH_AHEAD = 1
-HOLD_BLOCKS = 3  # under graph capture: block i's copies out must be done when block i + 3 starts
+# under graph capture: block i's copies out must be done when block i + 3 starts. 8 (with a byte cap) took the
+# forward's ~9 ms a step of waits behind the gate/up blocks' copies away on an H200, and the step was no
+# faster: it is power-bound, the kernels ran at lower clocks instead; and the peak rose 0.36 GiB (RESULTS.md,
+# sixteenth session)
+HOLD_BLOCKS = 3
 
 
 class OffloadCheckpoint:
