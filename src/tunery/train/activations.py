@@ -489,10 +489,10 @@ CALIBRATION_FORWARDS = 3  # save_mlp "auto": timed forwards, the shortest decide
 # against ~110 on an H200, once let 22 blocks of 22 keep gate/up: the copies out then held the step back)
 CALIBRATION_SLEEP_CYCLES = 200_000_000  # GPU clock cycles before a timed forward: 0.1-0.13 s at 1.5-2 GHz
 PREFETCH_LEAD = 2  # kept blocks of backward that the copy back of the last offloaded block overlaps
-# offloaded blocks whose tensors are on their way back while one block's backward runs. 2: the copy engine
-# has two blocks' backward to bring a block back, for the blocks whose backward is short (no gate/up
-# recompute) or whose copy is long (it kept gate/up, or lent weights come back beside it); one block's
-# tensors more on the GPU in the offloaded blocks' backward, well below the kept blocks' moment
+# offloaded blocks whose tensors start coming back when one block's backward starts. 2 gives a long copy
+# (a block that kept gate/up) two blocks' backward, for one block's tensors more on the GPU there; on an
+# H200 (8B QLoRA, RESULTS.md, sixteenth session) it ran 13,662 tok/s against 13,853 with 1, and with
+# offload_weights_mode lend 14,000 against 13,950: the backward's copies are bound by PCIe, not by lead
 PREFETCH_AHEAD = 1
 # under graph capture: block i's copies out must be done when block i + 3 starts. 8 (with a byte cap) took the
 # forward's ~9 ms a step of waits behind the gate/up blocks' copies away on an H200, and the step was no
@@ -868,8 +868,6 @@ def _lend_first(lend: WeightLend, pack: Callable, t: torch.Tensor):
     """An offloaded block that keeps gate/up in lent weight memory: those go there, the rest to pack."""
     v = lend.take(t)
     return v if v is not None else pack(t)
-
-
 
 
 def _same(t):

@@ -467,17 +467,18 @@ class WeightLend:
         offsets, size = flat_offsets(tensors)
         self.device = tensors[0].device
         host = torch.empty(size, dtype=torch.uint8, pin_memory=not self.simulate)
-        placed, k = [], 0
+        placed, k = [], 0  # (module, buffer name, its host view, offset): no reference to the GPU tensor kept
         for idx, items in found.items():
             lo = offsets[k] if items else None
             for m, name, t in items:
-                flat_view(host, offsets[k], t).copy_(t)
-                placed.append((m, name, t, offsets[k]))
+                view = flat_view(host, offsets[k], t)
+                view.copy_(t)
+                _put(m, name, view)
+                placed.append((m, name, view, offsets[k]))
                 k += 1
             if items:
                 self.regions[idx] = (lo, offsets[k] if k < len(offsets) else size)
-        for m, name, t, off in placed:  # GPU originals let go before the arena exists
-            _put(m, name, flat_view(host, off, t))
+        del found, tensors, items, t  # the GPU originals go before the arena exists
         arena = host.clone() if self.simulate else torch.empty(size, dtype=torch.uint8, device=self.device)
         if not self.simulate:
             arena.copy_(host)
