@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterable
@@ -655,7 +656,7 @@ class OffloadCheckpoint:
             lend = self._lend_to(layer, x, idx)
             if not offload:  # a kept block: its tensors stay on the GPU
                 with _MLPRecompute(layer, idx not in self.save_mlp and lend is None), \
-                        (torch.autograd.graph.saved_tensors_hooks(lend.pack, _same) if lend else _Null()):
+                        (torch.autograd.graph.saved_tensors_hooks(lend.pack, _same) if lend else contextlib.nullcontext()):
                     y = layer(x, rope, cu_seqlens, max_seqlen)
                 self._prefetch_after_kept(y, idx)
             else:
@@ -872,14 +873,6 @@ def _lend_first(lend: WeightLend, pack: Callable, t: torch.Tensor):
 
 def _same(t):
     return t
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _tensors(obj) -> list[torch.Tensor]:

@@ -67,7 +67,7 @@ def flat_offsets(tensors: Iterable[torch.Tensor]) -> tuple[list[int], int]:
     offsets, off = [], 0
     for t in tensors:
         offsets.append(off)
-        off += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+        off += _aligned(t.numel() * t.element_size())
     return offsets, off
 
 
@@ -599,13 +599,12 @@ class WeightLend:
         if self.simulate:
             self.arena[lo:hi].copy_(self.host[lo:hi])
             return
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # its borrowers' kernels have run
-        with torch.cuda.stream(self._stream):
+        stream = self.stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # its borrowers' kernels have run
+        with torch.cuda.stream(stream):
             self.arena[lo:hi].copy_(self.host[lo:hi], non_blocking=True)
             ev = torch.cuda.Event()
-            ev.record(self._stream)
+            ev.record(stream)
         self.events[j] = ev
 
     def _wait(self, j: int) -> None:
@@ -617,12 +616,15 @@ class WeightLend:
         for k in [k for k, refs in self.borrowed.items() if all(r() is None for r in refs)]:
             del self.borrowed[k]
 
-    def side_streams(self) -> list:
-        if self.simulate:
-            return []
+    @property
+    def stream(self):
+        """The copies back's own stream (made at first use)."""
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
-        return [self._stream]
+        return self._stream
+
+    def side_streams(self) -> list:
+        return [] if self.simulate else [self.stream]
 
 
 def _aligned(n: int) -> int:
