@@ -719,10 +719,26 @@ def part_speed(args, stacks, modes) -> dict:
         out["speed_target_met"] = out["speed_over_standard"] >= TARGETS["speed_ratio"]
         if s.get("peak_gib"):
             out["memory_over_standard"] = t["peak_gib"] / s["peak_gib"]
+        energy = energy_over(t, s)
+        if energy is not None:
+            out["energy_per_token_over_standard"] = energy
+            out["standard_power_capped_share"] = s["gpu_clocks"]["power_capped_share"]
     lg = runs.get("liger/qlora", {})
     if t.get("tokens_per_s") and lg.get("tokens_per_s"):
         out["speed_over_liger"] = t["tokens_per_s"] / lg["tokens_per_s"]
     return out
+
+
+def energy_over(fast: dict, slow: dict) -> float | None:
+    """slow's GPU energy per token over fast's (median board power / tokens per second), or None without
+    clock samples. At the power cap a step's time is its energy over ~700 W, so where both stacks sit at
+    the cap the speed ratio comes down to this one; where `slow` waits on its host, the speed ratio is
+    higher. It tells the host-dependent part of a speed ratio from the GPU-work part."""
+    fc, sc = fast.get("gpu_clocks") or {}, slow.get("gpu_clocks") or {}
+    if not (fc.get("power_w_median") and sc.get("power_w_median") and fast.get("tokens_per_s")
+            and slow.get("tokens_per_s")):
+        return None
+    return (sc["power_w_median"] / slow["tokens_per_s"]) / (fc["power_w_median"] / fast["tokens_per_s"])
 
 
 def part_context(args, stacks, modes) -> dict:
@@ -886,7 +902,8 @@ def main() -> None:
         sp = part_speed(args, stacks, modes)
         report["speed"] = sp
         for k in ("tunery_variant", "tunery_peak_gib", "peak_target_met", "planner_error", "speed_over_standard", "speed_target_met",
-                  "memory_over_standard", "speed_over_liger"):
+                  "memory_over_standard", "energy_per_token_over_standard", "standard_power_capped_share",
+                  "speed_over_liger"):
             if k in sp:
                 v = sp[k]
                 print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}", flush=True)

@@ -162,6 +162,23 @@ def test_gpu_planner_within_15_percent():
     torch.cuda.empty_cache()
 
 
+def test_benchmark_energy_ratio_uses_median_power_over_speed():
+    """memory.py's energy-per-token ratio: the standard stack's J/token over Tunery's (session 16's call b:
+    684 W at 7,472 tok/s against 690 W at 13,835), and nothing without clock samples (CPU runs)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import memory as bench
+
+    fast = {"tokens_per_s": 13835.0, "gpu_clocks": {"power_w_median": 690.0, "power_capped_share": 1.0}}
+    slow = {"tokens_per_s": 7472.0, "gpu_clocks": {"power_w_median": 684.0, "power_capped_share": 0.9}}
+    assert bench.energy_over(fast, slow) == pytest.approx((684 / 7472) / (690 / 13835))
+    assert 1.83 < bench.energy_over(fast, slow) < 1.85
+    assert bench.energy_over(fast, {"tokens_per_s": 7472.0}) is None
+    assert bench.energy_over({**fast, "tokens_per_s": None}, slow) is None
+
+
 def test_blocks_that_keep_gate_up_add_their_tensors_where_they_live():
     """Strategy "activations": kept blocks that keep gate/up (the last ones) add 2 x [tokens, intermediate]
     each to the loss phase, and to the backward peak all but the last block's (its MLP backward holds
