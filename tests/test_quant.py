@@ -237,7 +237,7 @@ def test_streaming_loader_equals_quantize_model(tmp_path):
     from safetensors.torch import save_file
 
     from tunery.models.decoder import CausalLM
-    from tunery.models.loading import _reset_buffers
+    from tunery.models.loading import _reset_buffers, weight_files
     from tunery.models.registry import decoder_config
     from tunery.quant import load_quantized
 
@@ -246,7 +246,9 @@ def test_streaming_loader_equals_quantize_model(tmp_path):
     quantize_model(full, double_quant=True)
     with torch.device("meta"):
         streamed = CausalLM(decoder_config(hf))
-    left = load_quantized(streamed, tmp_path, "cpu", torch.float32, double_quant=True)
+    with pytest.raises(TypeError, match="weight_files"):
+        load_quantized(streamed, tmp_path, "cpu", torch.float32)
+    left = load_quantized(streamed, weight_files(tmp_path), "cpu", torch.float32, double_quant=True)
     assert set(left) == {"model.inv_freq"}
     _reset_buffers(streamed)
     sa, sb = full.state_dict(), streamed.state_dict()

@@ -2,7 +2,7 @@
 
     prepare_data(cfg, tokenizer, *, for_eval_only=False, cfg_dir=None, use_cache=True) -> PreparedData
         what the trainer calls; raises DataError (a ValueError naming file, row and field) on bad data
-    preprocess(cfg, debug=0, dump=None, stream=sys.stdout, *, cfg_dir=None, tokenizer=None) -> stats dict
+    preprocess(cfg, debug=0, dump=None, stream=sys.stdout, *, cfg_dir=None, tokenizer) -> stats dict
         `tunery preprocess CONFIG [--debug N] [--dump FILE]`
     preview(cfg, tokenizer, n=5, *, cfg_dir=None, color=False) -> list of examples with a "rendered" text
     wait_for_cache_writes()  the cache is written by a background thread; this waits for it

@@ -140,23 +140,16 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _load_tokenizer(cfg: Any) -> Any:
-    # Only when the caller passes no tokenizer; the CLI can pass one to keep data/ free of models/.
-    from ..models import load_tokenizer, resolve_model_path
-
-    return load_tokenizer(cfg.tokenizer_config or resolve_model_path(cfg.base_model))
-
-
 def preprocess(cfg: Any, debug: int = 0, dump: str | Path | None = None, stream: TextIO | None = None, *,
-               cfg_dir: str | Path | None = None, tokenizer: Any = None) -> dict[str, Any]:
+               cfg_dir: str | Path | None = None, tokenizer: Any) -> dict[str, Any]:
     """Tokenize and cache the data, print statistics (and `debug` examples), optionally dump the rows.
 
     The dump is jsonl, one final row per line: input_ids, labels and position_ids for SFT/PRM rows,
-    the row's own fields for the other kinds. Returns the statistics dict.
+    the row's own fields for the other kinds. Returns the statistics dict. The caller loads the
+    `tokenizer` (data/ does not import models/).
     """
     stream = stream if stream is not None else sys.stdout
-    tok = tokenizer if tokenizer is not None else _load_tokenizer(cfg)
-    data = prepare_data(cfg, tok, cfg_dir=cfg_dir)
+    data = prepare_data(cfg, tokenizer, cfg_dir=cfg_dir)
     print(format_stats(data.stats), file=stream)
     if debug:
         color = bool(getattr(stream, "isatty", lambda: False)())
@@ -169,7 +162,7 @@ def preprocess(cfg: Any, debug: int = 0, dump: str | Path | None = None, stream:
                 trained = sum(1 for x in ex["labels"] if x != IGNORE)
                 head = f"{len(ex['input_ids'])} tokens, {trained} labelled"
             print(f"\n--- example {i + 1}: {head} ---", file=stream)
-            print(render_row(ex, tok, data.kind, color), file=stream)
+            print(render_row(ex, tokenizer, data.kind, color), file=stream)
         if not color and data.kind != "prompts":
             print("\n(trained text is shown [[in double brackets]]; the rest is masked)", file=stream)
     if dump:

@@ -82,26 +82,28 @@ def materialize(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], d
     return [n for n, b in model.named_buffers() if b.device.type == "meta"]
 
 
-def safetensors_stream(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of an HF folder, one at a time (memory-mapped reads)."""
+def safetensors_stream(files: Iterable[str | Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of these safetensors files, one at a time (memory-mapped reads)."""
     from safetensors import safe_open
 
-    from ..models.loading import weight_files
-
-    for f in weight_files(folder):
+    for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for key in sf.keys():
                 yield key, sf.get_tensor(key)
 
 
-def load_quantized(model: nn.Module, folder: str | Path, device: torch.device | str, dtype: torch.dtype,
+def load_quantized(model: nn.Module, files: Iterable[str | Path], device: torch.device | str, dtype: torch.dtype,
                    double_quant: bool = False, skip: tuple[str, ...] = ("lm_head", "embed_tokens")) -> list[str]:
-    """Load an HF safetensors folder into a meta-device `model`, NF4 for decoder-block linears.
+    """Load a checkpoint's safetensors `files` (models.loading.weight_files(folder) gives an HF folder's)
+    into a meta-device `model`, NF4 for decoder-block linears.
 
     Peak device memory: the quantized model plus one 16-bit tensor and its quantization scratch.
     Returns the still-meta buffer names (see `materialize`).
     """
-    return materialize(model, safetensors_stream(folder), device, dtype, double_quant, skip)
+    if isinstance(files, (str, Path)):  # a folder or one file: a str would stream its characters
+        raise TypeError(f"load_quantized takes a list of safetensors files, not {str(files)!r}: pass "
+                        "tunery.models.loading.weight_files(folder)")
+    return materialize(model, safetensors_stream(files), device, dtype, double_quant, skip)
 
 
 def random_stream(specs: list[tuple[str, torch.Size]], device: torch.device | str, std: float = 0.02, seed: int = 0,

@@ -551,7 +551,7 @@ def _load_quantized(cfg: Config, device: torch.device, dtype: torch.dtype):
     from transformers import AutoConfig
 
     from ..models.decoder import CausalLM
-    from ..models.loading import LoadedModel, _reset_buffers, load_tokenizer
+    from ..models.loading import LoadedModel, _reset_buffers, load_tokenizer, weight_files
     from ..models.registry import decoder_config, supports
     from ..models.source import resolve_model_path
     from ..quant import load_quantized
@@ -566,7 +566,7 @@ def _load_quantized(cfg: Config, device: torch.device, dtype: torch.dtype):
                           trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
         model = CausalLM(decoder_config(hf_config))
-    load_quantized(model, path, device, dtype, double_quant=cfg.bnb_4bit_use_double_quant)
+    load_quantized(model, weight_files(path), device, dtype, double_quant=cfg.bnb_4bit_use_double_quant)
     _reset_buffers(model)
     model.tie_weights()
     return LoadedModel(model.to(device), tokenizer, path, hf_config, True)

@@ -52,9 +52,7 @@ def hardware() -> dict[str, Any]:
 
 def build_manifest(resolved: dict[str, Any], data_files: dict[str, str], data_fingerprint: str, model_path: str,
                    world_size: int = 1) -> dict[str, Any]:
-    import tunery
-
-    src = Path(tunery.__file__).resolve().parent
+    src = Path(__file__).resolve().parents[1]  # the tunery package folder
     return {
         "created": datetime.now(timezone.utc).isoformat(),
         "config_hash": config_hash(resolved),
