@@ -3,7 +3,7 @@
 # QLoRA speed comparison of issue 5. Everything lands in $OUT (or ./gpu_out). Fill the carry folders
 # first, here: `bash benchmarks/gpu_carry.sh`; then carry .carry_w, .carry_bnb and .carry_tok and run
 #   bash benchmarks/gpu_check.sh tests            # the GPU test set, ~3 min
-#   bash benchmarks/gpu_check.sh speed TAG        # memory.py tunery_act vs standard, 2 rounds, ~4 min
+#   bash benchmarks/gpu_check.sh speed TAG        # memory.py tunery_act vs standard and liger, 2 rounds, ~5 min
 #   bash benchmarks/gpu_check.sh all TAG          # both
 #   bash benchmarks/gpu_check.sh trace TAG        # tunery_act once + a profile of two replays, ~2 min
 set -uo pipefail
@@ -22,7 +22,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   tail -3 "$OUT/gpu_tests$tag.log"
 fi
 if [ "$what" = speed ] || [ "$what" = all ]; then
-  python3 benchmarks/memory.py --stacks tunery_act,standard --rounds 2 --tag "$tag" > "$OUT/speed$tag.log" 2>&1  # + $OUT/memory$tag.json
+  python3 benchmarks/memory.py --stacks tunery_act,standard,liger --rounds 2 --tag "$tag" > "$OUT/speed$tag.log" 2>&1  # + $OUT/memory$tag.json
   tail -15 "$OUT/speed$tag.log"
 fi
 if [ "$what" = trace ]; then  # one tunery_act run, then two replays under the profiler: where the GPU idles

@@ -901,9 +901,12 @@ def main() -> None:
         args.steps, args.warmup = min(args.steps, 2), 1
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     versions = {"torch": torch.__version__}
-    for mod in ("transformers", "peft", "triton", "bitsandbytes", "liger_kernel"):
-        try:
-            versions[mod] = __import__(mod).__version__
+    from importlib import metadata
+
+    for mod, dist in (("transformers", "transformers"), ("peft", "peft"), ("triton", "triton"),
+                      ("bitsandbytes", "bitsandbytes"), ("liger_kernel", "liger-kernel")):
+        try:  # importable, and its version (liger_kernel has no __version__: the distribution's)
+            versions[mod] = getattr(__import__(mod), "__version__", None) or metadata.version(dist)
         except Exception:
             versions[mod] = None
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "versions": versions,
