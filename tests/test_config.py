@@ -44,6 +44,97 @@ def test_common_style_config_validates():
     assert cfg.datasets[0].type == "alpaca"
 
 
+# The shape of a QLoRA example config of the most common YAML trainer: many keys left empty, some for
+# features Tunery does not have, an optimizer name of bitsandbytes'.
+COMMON_QLORA_YAML = """
+base_model: NousResearch/Meta-Llama-3-8B
+model_type: AutoModelForCausalLM
+tokenizer_type: AutoTokenizer
+load_in_8bit: false
+load_in_4bit: true
+strict: false
+datasets:
+  - path: data/alpaca.jsonl
+    type: alpaca
+dataset_prepared_path:
+val_set_size: 0.05
+output_dir: ./outputs/qlora-out
+adapter: qlora
+lora_model_dir:
+sequence_len: 4096
+sample_packing: true
+pad_to_sequence_len: true
+lora_r: 32
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target_modules:
+lora_target_linear: true
+lora_fan_in_fan_out:
+wandb_project:
+wandb_entity:
+wandb_watch:
+wandb_name:
+wandb_log_model:
+gradient_accumulation_steps: 4
+micro_batch_size: 1
+num_epochs: 4
+optimizer: paged_adamw_32bit
+lr_scheduler: cosine
+learning_rate: 0.0002
+train_on_inputs: false
+group_by_length: false
+bf16: auto
+fp16:
+tf32: false
+gradient_checkpointing: true
+early_stopping_patience:
+resume_from_checkpoint:
+local_rank:
+logging_steps: 1
+xformers_attention:
+flash_attention: true
+warmup_steps: 10
+evals_per_epoch: 4
+eval_table_size:
+saves_per_epoch: 1
+debug:
+deepspeed:
+weight_decay: 0.0
+fsdp:
+fsdp_config:
+special_tokens:
+  pad_token: "<|end_of_text|>"
+"""
+
+
+def test_a_common_trainers_example_config_validates():
+    """Empty keys mean "not set"; keys for features Tunery lacks pass when they ask for nothing; the
+    paging optimizer runs as adamw; evals_per_epoch / saves_per_epoch are honoured (test_eval_schedule)."""
+    cfg = load_config(yaml.safe_load(COMMON_QLORA_YAML))
+    assert cfg.optimizer == "adamw" and cfg.fp16 is False and cfg.early_stopping_patience is None
+    assert cfg.evals_per_epoch == 4 and cfg.saves_per_epoch == 1 and cfg.eval_steps is None
+    assert "flash_attention" not in cfg.to_yaml_dict()  # accepted keys that do nothing are not kept
+    assert cfg.max_grad_norm == 1.0 and load_config({"max_grad_norm": None}).max_grad_norm is None  # null is a value
+
+
+def test_common_keys_that_ask_for_what_tunery_lacks_are_errors():
+    data = yaml.safe_load(COMMON_QLORA_YAML)
+    data.update(deepspeed="deepspeed_configs/zero2.json", xformers_attention=True, group_by_length=True,
+                optimizer="paged_adamw_8bit", lora_dropuot=None)
+    probs = problems_of(data)
+    assert any(p.startswith("deepspeed:") and "fsdp" in p for p in probs), probs
+    assert any(p.startswith("xformers_attention: True is not supported") for p in probs)
+    assert any(p.startswith("group_by_length:") and "sample_packing" in p for p in probs)
+    assert any(p.startswith("optimizer: paged_adamw_8bit is not available") and "adamw" in p for p in probs)
+    assert any("lora_dropuot" in p and "unknown key" in p for p in probs)  # unknown stays unknown, null or not
+    assert problems_of({"eval_steps": 10, "evals_per_epoch": 4}) == [
+        "eval_steps and evals_per_epoch are both set; set only one"]
+    assert problems_of({"early_stopping_patience": 3, "eval_steps": 5}) == [
+        "early_stopping_patience needs eval data: set val_set_size or test_datasets"]
+    assert problems_of({"early_stopping_patience": 3, "val_set_size": 0.1}) == [
+        "early_stopping_patience needs evals during the run: set eval_steps or evals_per_epoch"]
+
+
 def problems_of(data: dict) -> list[str]:
     with pytest.raises(ConfigError) as e:
         load_config(data)

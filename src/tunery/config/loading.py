@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from .compat import normalize
 from .schema import Config
 
 
@@ -59,7 +60,7 @@ def format_errors(err: ValidationError) -> list[str]:
             hint = f" (did you mean '{guess[0]}'?)" if guess else ""
             problems.append(f"{key}: unknown key{hint}")
         elif e["type"] == "value_error" and not loc:
-            for part in str(e["msg"]).removeprefix("Value error, ").split("; "):
+            for part in str(e["msg"]).removeprefix("Value error, ").split("\n"):
                 problems.append(part)
         else:
             problems.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
@@ -115,10 +116,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(data: dict[str, Any], source: str | None = None) -> Config:
+    data, problems = normalize(data, Config)  # the common trainers' keys (compat.py)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_errors(e), source) from None
+        raise ConfigError(problems + format_errors(e), source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
 
 
 def load_config(

@@ -40,6 +40,16 @@ class Config(
             problems.append(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             problems.append("warmup_steps and warmup_ratio are both set; set only one")
+        for steps, per_epoch in (("eval_steps", "evals_per_epoch"), ("save_steps", "saves_per_epoch")):
+            if getattr(self, steps) is not None and getattr(self, per_epoch) is not None:
+                problems.append(f"{steps} and {per_epoch} are both set; set only one")
+        if self.early_stopping_patience is not None:
+            if self.rl == "grpo":
+                problems.append("early_stopping_patience watches eval_loss, and rl: grpo has none: drop it")
+            elif not (self.val_set_size or self.test_datasets):
+                problems.append("early_stopping_patience needs eval data: set val_set_size or test_datasets")
+            elif not (self.eval_steps or self.evals_per_epoch):
+                problems.append("early_stopping_patience needs evals during the run: set eval_steps or evals_per_epoch")
         if self.bf16 is True and self.fp16:
             problems.append("bf16 and fp16 are both true; choose one")
         if self.adapter is None and (self.lora_target_modules or self.lora_target_linear):
@@ -86,7 +96,7 @@ class Config(
                 problems.append("cuda_graph with gradient_checkpointing: offload needs offload_strategy: activations "
                                 f"(it is {self.offload_strategy})")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one problem a line (messages may hold "; ")
         return self
 
     @property

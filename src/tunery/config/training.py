@@ -18,7 +18,9 @@ class TrainingSection(Section):
     num_epochs: float = Field(1.0, gt=0, description="Passes over the data (used when max_steps is absent).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides num_epochs.")
     learning_rate: float = Field(2e-4, gt=0)
-    optimizer: Literal["adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adamw_torch", "adamw_torch_fused", "sgd"] = Field(
+        "adamw", description="adamw (fused on a GPU), adamw_torch (the single-tensor loop), adamw_torch_fused, sgd. "
+        "adamw_hf and paged_adamw_32bit are read as adamw.")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -76,8 +78,13 @@ class TrainingSection(Section):
         "offload with offload_strategy activations, and no offload_weights (but offload_weights_mode: lend); a "
         "step that cannot be replayed runs eagerly.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
+    evals_per_epoch: int | None = Field(None, ge=1, description="Eval N times per epoch, evenly (instead of eval_steps).")
+    early_stopping_patience: int | None = Field(None, ge=1, description="End the run when eval_loss has not improved "
+        "for N evals in a row (needs eval data and eval_steps or evals_per_epoch); it ends as completed, with the "
+        "final eval and adapter written as usual.")
     eval_batch_size: int | None = None
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
+    saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoint N times per epoch, evenly (instead of save_steps).")
     save_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints.")
     resume_from_checkpoint: str | None = Field(None, description="auto (latest in output_dir) or a checkpoint path.")
     logging_steps: int = Field(1, ge=1)

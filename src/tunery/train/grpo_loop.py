@@ -27,7 +27,7 @@ import torch
 from ..methods.grpo import GRPO, StepTotals, completion_logps, group_advantages, rollout_batch
 from ..methods.rewards import load_rewards, score
 from . import distributed as dist_util
-from .loop import StopRequested, Trainer, _progress, freeze_long_lived, seed_everything
+from .loop import StopRequested, Trainer, _progress, every, freeze_long_lived, seed_everything
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
 from .schedule import build_scheduler, warmup_steps_for
@@ -377,6 +377,9 @@ class GRPOTrainer(Trainer):
         cfg = self.cfg
         self.setup()
         total_steps = self.total_steps()
+        per_epoch = math.ceil(len(self.data.train) / (self.prompts_per_rollout * self.world)) * self.g.num_iterations
+        self.eval_every = every(cfg.eval_steps, cfg.evals_per_epoch, per_epoch)
+        self.save_every = every(cfg.save_steps, cfg.saves_per_epoch, per_epoch)
         warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
         optimizer = build_optimizer(self.model, cfg)
         scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, warmup, cfg.cosine_min_lr_ratio)

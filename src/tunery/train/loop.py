@@ -63,6 +63,32 @@ class StopRequested(Exception):
     pass
 
 
+class Patience:
+    """early_stopping_patience: how many evals in a row have not lowered the best eval_loss. Kept in each
+    checkpoint, so a resumed run stops where the uninterrupted one would."""
+
+    def __init__(self, limit: int | None, best: float | None = None, stale: int = 0):
+        self.limit, self.best, self.stale = limit, best, stale
+
+    def update(self, eval_loss: float) -> bool:
+        """Record one eval; True once `limit` evals in a row brought no improvement."""
+        if self.best is None or eval_loss < self.best:
+            self.best, self.stale = eval_loss, 0
+        else:
+            self.stale += 1
+        return self.limit is not None and self.stale >= self.limit
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "stale": self.stale}
+
+
+def every(steps: int | None, per_epoch: int | None, steps_per_epoch: int) -> int | None:
+    """An eval or save interval in steps: `steps` as given, else `per_epoch` times per epoch."""
+    if steps or not per_epoch:
+        return steps
+    return max(1, steps_per_epoch // per_epoch)
+
+
 class Trainer:
     """Holds the pieces of one run. `run()` trains and returns the run directory."""
 
@@ -73,6 +99,8 @@ class Trainer:
         self.main = self.rank == 0
         self.run_dir = Path(cfg.output_dir)
         self.stop_flag = False
+        self.eval_every, self.save_every = cfg.eval_steps, cfg.save_steps  # run() resolves the per-epoch forms
+        self.patience = Patience(cfg.early_stopping_patience)
         self._old_handlers: dict[int, Any] = {}  # the process's SIGTERM/SIGINT handlers while a run holds them
         # torch's process-wide switches a run may turn on (`deterministic`, `tf32`); _close_run puts them back
         self._torch_switches = (torch.are_deterministic_algorithms_enabled(),
@@ -258,6 +286,8 @@ class Trainer:
         per_step = cfg.accumulation_steps * self.world
         steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / per_step))
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+        self.eval_every = every(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch)
+        self.save_every = every(cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch)
         warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
         dist_util.reshard(self.model)  # FSDP: setup's eval forwards leave the root gathered; optimize the shards
         optimizer = build_optimizer(self.model, cfg)
@@ -328,8 +358,9 @@ class Trainer:
                 # once), a step's own host time says nothing, and each iteration lasts one step of GPU work
                 dt = time.perf_counter() - t0
                 pending = done.with_row(row, dt, step % cfg.logging_steps == 0 or step == total_steps)
-                self._after_step(step, total_steps, logger, optimizer, scheduler, settle,
-                                 lambda: elapsed_before + time.perf_counter() - t_run)
+                if self._after_step(step, total_steps, logger, optimizer, scheduler, settle,
+                                    lambda: elapsed_before + time.perf_counter() - t_run):
+                    break  # early stopping: the run ends as completed
                 if _STEP_DELAY:
                     time.sleep(_STEP_DELAY)  # test hook: gives a crash test time to kill mid-run
             settle()
@@ -379,23 +410,30 @@ class Trainer:
 
     # ---- after each optimizer step, and the end of a run (shared with the GRPO recipe) -----------------
     def _after_step(self, step: int, total_steps: int, logger: Any, optimizer: Any, scheduler: Any,
-                    settle: Callable[[], int], elapsed: Callable[[], float]) -> None:
-        """Eval at eval_steps, a checkpoint at save_steps or when a stop was asked for (on any rank: all
-        ranks stop at the same step), the status file; raises StopRequested to end the run.
+                    settle: Callable[[], int], elapsed: Callable[[], float]) -> bool:
+        """Eval every eval_every steps, a checkpoint every save_every steps or when a stop was asked for
+        (on any rank: all ranks stop at the same step), the status file; raises StopRequested to end the
+        run. True when early stopping ends it (the caller finishes as usual).
         `settle()` writes the step's pending row and gives the tokens seen (read before an eval row or
         a checkpoint); `elapsed()`: training seconds so far, read when a checkpoint is written."""
-        cfg = self.cfg
-        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
+        early = False
+        if self.eval_every and step % self.eval_every == 0 and step < total_steps:
             settle()
             ev = self.evaluate()
             if ev:
                 logger.log({"step": step, **ev})
+                early = self.patience.update(ev["eval_loss"])
+        early = dist_util.any_rank(early)
         self.stop_flag = dist_util.any_rank(self.stop_flag)
-        if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or self.stop_flag:
+        if (self.save_every and step % self.save_every == 0 and step < total_steps and not early) or self.stop_flag:
             self.checkpoint(step, optimizer, scheduler, settle(), elapsed())
         self._status("running", step, total_steps)
         if self.stop_flag:
             raise StopRequested
+        if early and self.main:
+            print(f"\nearly stopping at step {step}: eval_loss has not gone below {self.patience.best:.4f} in "
+                  f"{self.patience.stale} evals (early_stopping_patience {self.patience.limit})", file=sys.stderr)
+        return early
 
     def _finish(self, logger: Any, step: int) -> None:
         """Final eval, then the adapter / model written once (consolidated from the shards under FSDP)."""
@@ -428,6 +466,7 @@ class Trainer:
         if ckpt is None:
             return None, 0, 0, 0.0
         state = dist_ckpt.load(ckpt, self.model, optimizer, scheduler)  # either layout, any world size
+        self.patience = Patience(self.cfg.early_stopping_patience, **state.get("early_stopping", {}))
         if self.main:
             print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
         return ckpt, state["step"], state.get("tokens_seen", 0), state.get("elapsed_s", 0.0)
@@ -449,7 +488,7 @@ class Trainer:
 
     def checkpoint(self, step, optimizer, scheduler, tokens_seen, elapsed) -> None:
         state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "world_size": self.world,
-                 "seed": self.cfg.seed}
+                 "seed": self.cfg.seed, "early_stopping": self.patience.state()}
         path = self.run_dir / "checkpoints" / f"step-{step}"
         if dist_ckpt.is_sharded(self.model):  # FSDP: every rank writes its shards
             dist_ckpt.save(path, self.model, optimizer, scheduler, state,

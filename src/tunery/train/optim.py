@@ -32,8 +32,6 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     kw: dict[str, Any] = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
     if on_cuda and cfg.optimizer in ("adamw", "adamw_torch_fused"):
         kw["fused"] = True
-    elif cfg.optimizer == "adamw_8bit":
-        raise ValueError("optimizer adamw_8bit is not available yet; use adamw")
     else:
         kw["foreach"] = False  # the single-tensor path: bit-reproducible across resume on CPU
     return torch.optim.AdamW(groups, **kw)
