@@ -423,7 +423,8 @@ class Trainer:
             if ev:
                 logger.log({"step": step, **ev})
                 early = self.patience.update(ev["eval_loss"])
-        early = dist_util.any_rank(early)
+            if self.patience.limit:  # every rank evaluates at this step: one decision for all
+                early = dist_util.any_rank(early)
         self.stop_flag = dist_util.any_rank(self.stop_flag)
         if (self.save_every and step % self.save_every == 0 and step < total_steps and not early) or self.stop_flag:
             self.checkpoint(step, optimizer, scheduler, settle(), elapsed())
