@@ -104,6 +104,16 @@ fsdp:
 fsdp_config:
 special_tokens:
   pad_token: "<|end_of_text|>"
+gradient_checkpointing_kwargs:
+  use_reentrant: true
+eval_sample_packing: false
+loss_watchdog_threshold: 5.0
+loss_watchdog_patience: 3
+dataset_processes: 4
+plugins:
+  - axolotl.integrations.liger.LigerPlugin
+liger_rms_norm: true
+save_safetensors: true
 """
 
 
@@ -115,18 +125,23 @@ def test_a_common_trainers_example_config_validates():
     assert cfg.evals_per_epoch == 4 and cfg.saves_per_epoch == 1 and cfg.eval_steps is None
     assert "flash_attention" not in cfg.to_yaml_dict()  # accepted keys that do nothing are not kept
     assert cfg.max_grad_norm == 1.0 and load_config({"max_grad_norm": None}).max_grad_norm is None  # null is a value
+    assert cfg.loss_watchdog_threshold == 5.0 and cfg.dataset_num_proc == 4
+    assert load_config({"save_strategy": "epoch", "auto_resume_from_checkpoints": True}).saves_per_epoch == 1
+    assert problems_of({"save_strategy": "epoch", "save_steps": 10}) == [
+        "save_strategy: epoch and save_steps are both set; set only one"]
 
 
 def test_common_keys_that_ask_for_what_tunery_lacks_are_errors():
     data = yaml.safe_load(COMMON_QLORA_YAML)
     data.update(deepspeed="deepspeed_configs/zero2.json", xformers_attention=True, group_by_length=True,
-                optimizer="paged_adamw_8bit", lora_dropuot=None)
+                optimizer="paged_adamw_8bit", lora_dropuot=None, save_safetensors=False)
     probs = problems_of(data)
     assert any(p.startswith("deepspeed:") and "fsdp" in p for p in probs), probs
     assert any(p.startswith("xformers_attention: True is not supported") for p in probs)
     assert any(p.startswith("group_by_length:") and "sample_packing" in p for p in probs)
     assert any(p.startswith("optimizer: paged_adamw_8bit is not available") and "adamw" in p for p in probs)
     assert any("lora_dropuot" in p and "unknown key" in p for p in probs)  # unknown stays unknown, null or not
+    assert any(p.startswith("save_safetensors: False") and "safetensors" in p for p in probs)
     assert problems_of({"eval_steps": 10, "evals_per_epoch": 4}) == [
         "eval_steps and evals_per_epoch are both set; set only one"]
     assert problems_of({"early_stopping_patience": 3, "eval_steps": 5}) == [

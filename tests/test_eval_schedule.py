@@ -1,4 +1,5 @@
-"""When a run evaluates and checkpoints: evals_per_epoch / saves_per_epoch, and early_stopping_patience."""
+"""When a run evaluates, checkpoints and ends early: evals_per_epoch / saves_per_epoch, early_stopping_patience,
+loss_watchdog_threshold."""
 
 from __future__ import annotations
 
@@ -69,3 +70,24 @@ def test_tunery_train_stays_callable_after_its_package_is_imported():
     assert isinstance(tunery.train, type(tunery))
     with pytest.raises(ConfigError, match="lora_rr"):
         tunery.train({"lora_rr": 8})
+
+
+def test_loss_watchdog_fails_a_run_whose_loss_stays_high(tiny_llama, gsm8k_small, tmp_path):
+    """A threshold under any real loss: the run fails after `patience` steps with the watchdog's message,
+    status failed, the checkpoint written before it kept."""
+    from tunery.train.loop import LossWatchdog, train
+
+    out = tmp_path / "run"
+    with pytest.raises(LossWatchdog, match=r"over 0.01 for 3 steps in a row .* at step 3\)"):
+        train({
+            "base_model": str(tiny_llama), "adapter": "lora", "lora_r": 4, "lora_target_linear": True,
+            "datasets": [{"path": str(gsm8k_small), "type": "alpaca", "field_instruction": "question",
+                          "field_output": "answer"}],
+            "sequence_len": 256, "micro_batch_size": 2, "max_steps": 8, "save_steps": 2,
+            "loss_watchdog_threshold": 0.01, "output_dir": str(out), "progress_bar": False,
+            "dataset_prepared_path": str(tmp_path / "prepared"),
+        })
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    assert json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())["high_loss_steps"] == 2
+    assert not (out / "adapter").exists()

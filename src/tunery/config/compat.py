@@ -4,8 +4,9 @@ Such configs carry keys like `xformers_attention:` or `deepspeed:` with no value
 like `paged_adamw_32bit`. `normalize` runs on the raw mapping before validation:
 
 - a top-level key written with no value (`fp16:`) means "not set" when its field does not take null;
-- each key below is dropped when its value asks for nothing Tunery lacks, and is a clear problem
+- each key in FOREIGN is dropped when its value asks for nothing Tunery lacks, and is a clear problem
   otherwise (never silently ignored);
+- each key in MAPPED becomes the Tunery key(s) it stands for (`dataset_processes` is dataset_num_proc);
 - optimizer aliases become the optimizer that runs (the run's resolved config shows that one).
 """
 
@@ -21,13 +22,17 @@ def _off(v: Any) -> bool:
     return v is None or v is False or v == 0 or v == "" or v == []
 
 
+def _any(v: Any) -> bool:
+    return True
+
+
 # key -> (accepted value?, what to do instead when it is not)
 FOREIGN: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "flash_attention": (lambda v: True, ""),  # on a GPU Tunery's attention is FlashAttention-style anyway
-    "sdp_attention": (lambda v: True, ""),
+    "flash_attention": (_any, ""),  # on a GPU Tunery's attention is FlashAttention-style anyway
+    "sdp_attention": (_any, ""),
     "xformers_attention": (_off, "Tunery does not use xformers; attn_implementation picks its attention backend"),
     "deepspeed": (_off, "Tunery shards with PyTorch FSDP2: set fsdp (see docs/distributed.md) and drop deepspeed"),
-    "local_rank": (lambda v: True, ""),  # torchrun sets it in the environment
+    "local_rank": (_any, ""),  # torchrun sets it in the environment
     "lora_fan_in_fan_out": (_off, "only the nn.Linear weight layout (fan_in_fan_out false) is supported"),
     "group_by_length": (_off, "not supported; sample_packing fills rows instead"),
     "debug": (_off, "use `tunery preprocess CONFIG --debug N` to see tokenized rows and their labels"),
@@ -38,11 +43,58 @@ FOREIGN: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_max_new_tokens": (_off, "sample generations during eval are not logged; drop eval_max_new_tokens"),
     "hub_model_id": (_off, "nothing is pushed to a hub; the run directory holds the adapter (PEFT format)"),
     "hub_strategy": (_off, "nothing is pushed to a hub"),
-    "hf_use_auth_token": (lambda v: True, ""),  # hub reads use the environment's token when the hub is reachable
-    "is_llama_derived_model": (lambda v: True, ""),  # the family is read from config.json
-    "is_mistral_derived_model": (lambda v: True, ""),
-    "is_qwen_derived_model": (lambda v: True, ""),
+    "hf_use_auth_token": (_any, ""),  # hub reads use the environment's token when the hub is reachable
+    "is_llama_derived_model": (_any, ""),  # the family is read from config.json
+    "is_mistral_derived_model": (_any, ""),
+    "is_qwen_derived_model": (_any, ""),
     "gptq": (_off, "GPTQ models are not loaded; use load_in_4bit: true with adapter: qlora"),
+    # packing estimates and data-loader / HF Trainer knobs: Tunery packs exactly and loads its own batches
+    "eval_sample_packing": (_any, ""),
+    "sample_packing_eff_est": (_any, ""),
+    "sample_packing_group_size": (_any, ""),
+    "max_packed_sequence_len": (_any, ""),
+    "total_num_tokens": (_any, ""),
+    "dataloader_num_workers": (_any, ""),
+    "dataloader_pin_memory": (_any, ""),
+    "dataloader_prefetch_factor": (_any, ""),
+    "remove_unused_columns": (_any, ""),
+    "include_tokens_per_second": (_any, ""),  # tokens/s is in every metrics row
+    "low_cpu_mem_usage": (_any, ""),
+    "torch_compile_backend": (_any, ""),  # torch_compile: true uses inductor
+    "gradient_checkpointing_kwargs": (_any, ""),  # Tunery's checkpointing picks its own (gradient_checkpointing)
+    # fused-kernel plugins: Tunery's own kernels fuse RMSNorm, RoPE, SwiGLU and the linear cross-entropy
+    "plugins": (_any, ""),
+    "liger_rope": (_any, ""),
+    "liger_rms_norm": (_any, ""),
+    "liger_glu_activation": (_any, ""),
+    "liger_layer_norm": (_any, ""),
+    "liger_fused_linear_cross_entropy": (_any, ""),
+    "save_safetensors": (lambda v: v is None or v is True, "weights are always written as safetensors"),
+    "bnb_4bit_quant_type": (lambda v: v in (None, "nf4"), "the 4-bit format is NF4 (load_in_4bit)"),
+    "bnb_4bit_compute_dtype": (lambda v: v in (None, "bfloat16", "bf16"),
+                               "the compute dtype follows bf16 / fp16: drop bnb_4bit_compute_dtype"),
+    "neftune_noise_alpha": (_off, "NEFTune embedding noise is not implemented"),
+    "lr_quadratic_warmup": (_off, "warmup is linear"),
+    "lr_scheduler_kwargs": (_off, "the schedules take cosine_min_lr_ratio, warmup_steps and warmup_ratio"),
+    "save_only_model": (_off, "checkpoints keep the optimizer state, for exact resume"),
+    "unfrozen_parameters": (_off, "not supported: train every weight (no adapter) or use an adapter"),
+    "lora_on_cpu": (_off, "not supported"),
+    "relora_steps": (_off, "ReLoRA is not implemented"),
+    "resize_token_embeddings_to_32x": (_off, "not supported"),
+    "dataset_exact_deduplication": (_off, "rows are not deduplicated; deduplicate the data first"),
+    "fix_untrained_tokens": (_off, "not supported"),
+    "embeddings_skip_upcast": (_any, ""),
+    "eval_causal_lm_metrics": (_off, "`tunery eval RUN` reports loss, perplexity and exact-match accuracy"),
+    "do_causal_lm_eval": (_off, "`tunery eval RUN` reports loss, perplexity and exact-match accuracy"),
+}
+
+# key -> the Tunery keys its value stands for (a key the config sets itself wins)
+MAPPED: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "dataset_processes": lambda v: {"dataset_num_proc": v} if v else {},
+    "auto_resume_from_checkpoints": lambda v: {"resume_from_checkpoint": "auto"} if v else {},
+    "save_strategy": lambda v: {"saves_per_epoch": 1} if v == "epoch" else {},
+    "eval_strategy": lambda v: {"evals_per_epoch": 1} if v == "epoch" else {},
+    "evaluation_strategy": lambda v: {"evals_per_epoch": 1} if v == "epoch" else {},
 }
 
 OPTIMIZER_ALIASES = {  # what these names run as
@@ -58,7 +110,11 @@ OPTIMIZER_ALIASES = {  # what these names run as
 def normalize(data: dict[str, Any], model: type[BaseModel]) -> tuple[dict[str, Any], list[str]]:
     """The raw mapping with the keys above resolved, and the problems they raise (one line each)."""
     out, problems = {}, []
+    implied: dict[str, tuple[Any, str]] = {}
     for key, value in data.items():
+        if key in MAPPED:
+            implied.update({k: (v, key) for k, v in MAPPED[key](value).items()})
+            continue
         if key in FOREIGN:
             ok, instead = FOREIGN[key]
             if not ok(value):
@@ -74,6 +130,12 @@ def normalize(data: dict[str, Any], model: type[BaseModel]) -> tuple[dict[str, A
                 continue
             value = runs_as
         out[key] = value
+    for key, (value, source) in implied.items():
+        rival = {"saves_per_epoch": "save_steps", "evals_per_epoch": "eval_steps"}.get(key)
+        if rival and data.get(rival) is not None:
+            problems.append(f"{source}: {data[source]} and {rival} are both set; set only one")
+        else:
+            out.setdefault(key, value)
     return out, problems
 
 

@@ -50,6 +50,9 @@ class Config(
                 problems.append("early_stopping_patience needs eval data: set val_set_size or test_datasets")
             elif not (self.eval_steps or self.evals_per_epoch):
                 problems.append("early_stopping_patience needs evals during the run: set eval_steps or evals_per_epoch")
+        if self.loss_watchdog_threshold is not None and self.rl == "grpo":
+            problems.append("loss_watchdog_threshold watches the training loss of SFT and the preference "
+                            "methods; rl: grpo logs rewards: drop it")
         if self.bf16 is True and self.fp16:
             problems.append("bf16 and fp16 are both true; choose one")
         if self.adapter is None and (self.lora_target_modules or self.lora_target_linear):

@@ -77,6 +77,10 @@ class TrainingSection(Section):
         "(use sample_packing, or short rows pay for the padding). Needs gradient_checkpointing false, true, or "
         "offload with offload_strategy activations, and no offload_weights (but offload_weights_mode: lend); a "
         "step that cannot be replayed runs eagerly.")
+    loss_watchdog_threshold: float | None = Field(None, gt=0, description="End the run as failed when the "
+        "training loss stays above this (or is not finite) for loss_watchdog_patience steps in a row: a run that "
+        "has diverged stops early instead of wasting the GPU; checkpoints already written stay.")
+    loss_watchdog_patience: int = Field(3, ge=1, description="Steps in a row over loss_watchdog_threshold.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every N steps (default: at the end only).")
     evals_per_epoch: int | None = Field(None, ge=1, description="Eval N times per epoch, evenly (instead of eval_steps).")
     early_stopping_patience: int | None = Field(None, ge=1, description="End the run when eval_loss has not improved "

@@ -63,6 +63,10 @@ class StopRequested(Exception):
     pass
 
 
+class LossWatchdog(RuntimeError):
+    """loss_watchdog_threshold: the training loss stayed too high; the run ends as failed."""
+
+
 class Patience:
     """early_stopping_patience: how many evals in a row have not lowered the best eval_loss. Kept in each
     checkpoint, so a resumed run stops where the uninterrupted one would."""
@@ -101,6 +105,7 @@ class Trainer:
         self.stop_flag = False
         self.eval_every, self.save_every = cfg.eval_steps, cfg.save_steps  # run() resolves the per-epoch forms
         self.patience = Patience(cfg.early_stopping_patience)
+        self.high_loss_steps = 0  # loss_watchdog: steps in a row over the threshold
         self._old_handlers: dict[int, Any] = {}  # the process's SIGTERM/SIGINT handlers while a run holds them
         # torch's process-wide switches a run may turn on (`deterministic`, `tf32`); _close_run puts them back
         self._torch_switches = (torch.are_deterministic_algorithms_enabled(),
@@ -312,7 +317,9 @@ class Trainer:
             """Write the pending step's row; the tokens seen so far."""
             nonlocal pending, tokens_seen
             if pending is not None:
-                tokens_seen, pending = pending.write(logger, bar, tokens_seen), None
+                done, pending = pending, None
+                tokens_seen = done.write(logger, bar, tokens_seen)
+                self._watch_loss(done.loss, done.row["step"])
             return tokens_seen
 
         try:
@@ -436,6 +443,17 @@ class Trainer:
                   f"{self.patience.stale} evals (early_stopping_patience {self.patience.limit})", file=sys.stderr)
         return early
 
+    def _watch_loss(self, loss: float, step: int) -> None:
+        """loss_watchdog_threshold: raise LossWatchdog after loss_watchdog_patience steps in a row over it."""
+        limit = self.cfg.loss_watchdog_threshold
+        if limit is None:
+            return
+        self.high_loss_steps = self.high_loss_steps + 1 if not loss <= limit else 0  # NaN counts as high
+        if self.high_loss_steps >= self.cfg.loss_watchdog_patience:
+            raise LossWatchdog(f"loss_watchdog: the training loss was over {limit:g} for {self.high_loss_steps} steps "
+                               f"in a row ({loss:.4f} at step {step}): the run has diverged. Lower learning_rate, "
+                               "check the data, or raise loss_watchdog_threshold")
+
     def _finish(self, logger: Any, step: int) -> None:
         """Final eval, then the adapter / model written once (consolidated from the shards under FSDP)."""
         ev = self.evaluate()
@@ -468,6 +486,7 @@ class Trainer:
             return None, 0, 0, 0.0
         state = dist_ckpt.load(ckpt, self.model, optimizer, scheduler)  # either layout, any world size
         self.patience = Patience(self.cfg.early_stopping_patience, **state.get("early_stopping", {}))
+        self.high_loss_steps = state.get("high_loss_steps", 0)
         if self.main:
             print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
         return ckpt, state["step"], state.get("tokens_seen", 0), state.get("elapsed_s", 0.0)
@@ -489,7 +508,7 @@ class Trainer:
 
     def checkpoint(self, step, optimizer, scheduler, tokens_seen, elapsed) -> None:
         state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "world_size": self.world,
-                 "seed": self.cfg.seed, "early_stopping": self.patience.state()}
+                 "seed": self.cfg.seed, "early_stopping": self.patience.state(), "high_loss_steps": self.high_loss_steps}
         path = self.run_dir / "checkpoints" / f"step-{step}"
         if dist_ckpt.is_sharded(self.model):  # FSDP: every rank writes its shards
             dist_ckpt.save(path, self.model, optimizer, scheduler, state,
@@ -553,6 +572,7 @@ class _StepNumbers:
         if self.event is not None:
             self.event.synchronize()
         vals = dict(zip(self.keys, self.host.tolist()))
+        self.loss = vals["loss"]
         n_tokens = int(vals.pop("tokens"))
         tokens_seen += n_tokens
         row = dict(self.row)
