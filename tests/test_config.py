@@ -129,6 +129,9 @@ def test_a_common_trainers_example_config_validates():
     assert load_config({"save_strategy": "epoch", "auto_resume_from_checkpoints": True}).saves_per_epoch == 1
     assert problems_of({"save_strategy": "epoch", "save_steps": 10}) == [
         "save_strategy: epoch and save_steps are both set; set only one"]
+    entry = load_config({"datasets": [{"path": "x.jsonl", "type": "chat_template", "field_messages": "conversations",
+                                       "message_field_role": "from", "message_field_content": "value"}]}).datasets[0]
+    assert entry.message_property_mappings == {"role": "from", "content": "value"}
 
 
 def test_common_keys_that_ask_for_what_tunery_lacks_are_errors():

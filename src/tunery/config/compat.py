@@ -6,7 +6,8 @@ like `paged_adamw_32bit`. `normalize` runs on the raw mapping before validation:
 - a top-level key written with no value (`fp16:`) means "not set" when its field does not take null;
 - each key in FOREIGN is dropped when its value asks for nothing Tunery lacks, and is a clear problem
   otherwise (never silently ignored);
-- each key in MAPPED becomes the Tunery key(s) it stands for (`dataset_processes` is dataset_num_proc);
+- each key in MAPPED becomes the Tunery key(s) it stands for (`dataset_processes` is dataset_num_proc), and
+  a dataset entry's message_field_role / message_field_content become its message_property_mappings;
 - optimizer aliases become the optimizer that runs (the run's resolved config shows that one).
 """
 
@@ -122,6 +123,8 @@ def normalize(data: dict[str, Any], model: type[BaseModel]) -> tuple[dict[str, A
             continue
         if value is None and key in model.model_fields and not _takes_null(model, key):
             continue  # `fp16:` with no value: the default
+        if key in ("datasets", "test_datasets") and isinstance(value, list):
+            value = [_entry(e) for e in value]
         if key == "optimizer" and value in OPTIMIZER_ALIASES:
             runs_as = OPTIMIZER_ALIASES[value]
             if runs_as is None:
@@ -137,6 +140,23 @@ def normalize(data: dict[str, Any], model: type[BaseModel]) -> tuple[dict[str, A
         else:
             out.setdefault(key, value)
     return out, problems
+
+
+# older dataset-entry keys for chat rows: the message's role and content fields
+ENTRY_MAPPED = {"message_field_role": "role", "message_field_content": "content"}
+
+
+def _entry(e: Any) -> Any:
+    """A dataset entry with message_field_role / message_field_content folded into message_property_mappings
+    (an explicit mapping wins)."""
+    if not isinstance(e, dict) or not ENTRY_MAPPED.keys() & e.keys():
+        return e
+    e = dict(e)
+    mapping = {prop: e.pop(key) for key, prop in ENTRY_MAPPED.items() if e.get(key) is not None}
+    for key in ENTRY_MAPPED:
+        e.pop(key, None)
+    e["message_property_mappings"] = {**mapping, **(e.get("message_property_mappings") or {})}
+    return e
 
 
 def _takes_null(model: type[BaseModel], key: str) -> bool:
