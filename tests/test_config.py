@@ -253,3 +253,13 @@ def test_offload_save_mlp_takes_a_count_or_auto():
     for bad in (-1, "all"):
         probs = problems_of({"offload_save_mlp": bad})
         assert any("offload_save_mlp" in p for p in probs), probs
+
+
+def test_compat_keys_are_not_config_fields():
+    """A key handled by config/compat.py that became a real field would never reach it."""
+    from tunery.config.compat import ENTRY_MAPPED, FOREIGN, MAPPED
+    from tunery.config.data import DatasetEntry
+
+    assert not (FOREIGN.keys() | MAPPED.keys()) & Config.model_fields.keys()
+    assert not ENTRY_MAPPED.keys() & DatasetEntry.model_fields.keys()
+    assert all(v in Config.model_fields for m in MAPPED.values() for v in m("epoch") | m(True))
