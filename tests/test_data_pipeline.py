@@ -341,3 +341,11 @@ def test_csv_cells_stay_text_and_booleans_parse(tmp_path, smol):
                      cfg_dir=tmp_path)
     assert [r["kto_label"] for r in d.train] == [True, False]
     assert "007" in smol.decode(d.train[0]["input_ids"])
+
+
+def test_another_trainers_strategy_type_names_the_entry_and_what_to_write(tmp_path, smol):
+    write_jsonl(tmp_path / "pairs.jsonl", [{"question": "q", "chosen": "a", "rejected": "b"}])
+    cfg = config(tmp_path, [{"path": "pairs.jsonl", "type": "chatml.intel"}], rl="dpo")
+    with pytest.raises(DataError, match=r"^datasets\[0\] \(pairs.jsonl\): dataset type 'chatml.intel' is unknown.*"
+                                        r"type: preference with field_prompt .* chat_template: chatml$"):
+        prepare_data(cfg, smol, cfg_dir=tmp_path)

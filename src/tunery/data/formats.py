@@ -55,7 +55,13 @@ def canonical_type(name: str) -> str:
     t = ALIASES.get(name, name)
     if t not in KIND:
         known = sorted(set(KIND) | set(ALIASES))
-        raise DataError(f"dataset type {name!r} is unknown; known types: {', '.join(known)}")
+        hint = ""
+        if "." in name:  # another trainer's "template.strategy" names (chatml.intel, llama3.argilla, ...)
+            template = name.split(".", 1)[0]
+            hint = (f". {name!r} looks like another trainer's template.strategy name: describe the rows instead, "
+                    "e.g. type: preference with field_prompt / field_chosen / field_rejected naming your columns"
+                    + (f", and chat_template: {template}" if template not in ("chat_template", "user_defined") else ""))
+        raise DataError(f"dataset type {name!r} is unknown; known types: {', '.join(known)}{hint}")
     return t
 
 

@@ -192,7 +192,10 @@ def _kind_of(train: list[Any], test: list[Any]) -> str:
     kinds: dict[str, str] = {}
     for label, entries in (("datasets", train), ("test_datasets", test)):
         for i, e in enumerate(entries):
-            k = KIND[canonical_type(e.type)]
+            try:
+                k = KIND[canonical_type(e.type)]
+            except DataError as err:
+                raise DataError(f"{label}[{i}] ({e.path}): {err}") from None
             kinds.setdefault(k, f"{label}[{i}] ({e.path}, type {e.type})")
     if len(kinds) > 1:
         desc = "; ".join(f"{k}: {where}" for k, where in kinds.items())
